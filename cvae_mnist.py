@@ -58,6 +58,9 @@ LEARNING_RATE = 1e-3     # Adam step size
 TRAIN_SAMPLES = 1        # z samples per digit in the SGVB estimate of the ELBO
 ANALYTIC_KL = True       # closed-form KL(q||p); False = one-sample Monte-Carlo KL
 OUTPUT_BIAS_INIT = True  # start the decoder's output bias at logit(mean pixel)
+HE_INIT = False          # ReLU layers start from He weights (variance 2/fan-in), not Glorot
+SOFTPLUS_SCALE = False   # sigma = softplus(head) instead of exp(log-std head)
+EMA_DECAY = 0.0          # evaluate and draw with weights averaged at this decay; 0 = off
 SAVE_FREQ = 10           # write the figures every this many epochs (and after the last)
 SAMPLES_PER_CLASS = 10   # columns of the per-class sample grid
 TEST_FREQ = 10           # evaluate on the test set every this many epochs (and after the last)
@@ -105,6 +108,9 @@ class Config:
     train_samples: int = TRAIN_SAMPLES
     analytic_kl: bool = ANALYTIC_KL
     output_bias_init: bool = OUTPUT_BIAS_INIT
+    he_init: bool = HE_INIT
+    softplus_scale: bool = SOFTPLUS_SCALE
+    ema_decay: float = EMA_DECAY
     save_freq: int = SAVE_FREQ
     samples_per_class: int = SAMPLES_PER_CLASS
     test_freq: int = TEST_FREQ
@@ -124,6 +130,12 @@ class Config:
 
 class UserError(Exception):
     """A problem the user can fix (bad data, bad constants); shown as one line."""
+    exit_code = 1
+
+
+class Interrupted(UserError):
+    """Ctrl-C during training: the last finished epoch is on disk."""
+    exit_code = 130
 
 
 class _LazyModule:
@@ -235,11 +247,13 @@ class _ArrayUnpickler(pickle.Unpickler):
     """Unpickles numpy arrays and nothing else: no other class or function can load.
 
     A plain pickle.load runs whatever callables the file names; here only the
-    three numpy names that an array's pickle uses are admitted.
+    names that array pickles use are admitted (numpy's array rebuilders, and
+    _codecs.encode, which protocol-2 pickles from Python 3 use to rebuild bytes).
     """
-    _ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"),
+    _ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
                 ("numpy.core.multiarray", "_reconstruct"),
-                ("numpy._core.multiarray", "_reconstruct")}
+                ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
 
     def find_class(self, module, name):
         if (module, name) not in self._ALLOWED:
@@ -358,10 +372,13 @@ def binarize(x, seed):
 # ----------------------------------------------------------------------------
 # Model: networks, distributions, the bound and the importance-sampled likelihood
 # ----------------------------------------------------------------------------
-def _dense(h, units, name, activation=None, bias_init=0.0):
-    """h [N, D] -> [N, units]; variables created once in the enclosing scope."""
-    w = tf.get_variable(f"{name}/w", [h.shape[-1], units],
-                        initializer=tf.glorot_uniform_initializer())
+def _dense(h, units, name, activation=None, bias_init=0.0, he=False):
+    """h [N, D] -> [N, units]; variables created once in the enclosing scope.
+    Glorot weights keep the variance of a linear layer; He weights (he=True)
+    that of a ReLU layer, which zeroes half its inputs."""
+    init = (tf.variance_scaling_initializer(2.0, "fan_in", "truncated_normal") if he
+            else tf.glorot_uniform_initializer())
+    w = tf.get_variable(f"{name}/w", [h.shape[-1], units], initializer=init)
     b = tf.get_variable(f"{name}/b", [units], initializer=tf.constant_initializer(bias_init))
     out = tf.nn.bias_add(tf.matmul(h, w), b)
     return activation(out) if activation else out
@@ -369,8 +386,8 @@ def _dense(h, units, name, activation=None, bias_init=0.0):
 
 def _mlp(h, cfg):
     """Two hidden layers of cfg.hidden_units ReLU units: [N, D] -> [N, H]."""
-    h = _dense(h, cfg.hidden_units, "h1", tf.nn.relu)
-    return _dense(h, cfg.hidden_units, "h2", tf.nn.relu)
+    h = _dense(h, cfg.hidden_units, "h1", tf.nn.relu, he=cfg.he_init)
+    return _dense(h, cfg.hidden_units, "h2", tf.nn.relu, he=cfg.he_init)
 
 
 def prior(cfg):
@@ -383,8 +400,9 @@ def encoder(x, y, cfg):
     with tf.variable_scope("encoder", reuse=tf.AUTO_REUSE):
         h = _mlp(tf.concat([x, tf.one_hot(y, N_CLASSES)], -1), cfg)
         mean = _dense(h, cfg.z_dim, "mean")
-        log_std = _dense(h, cfg.z_dim, "log_std")
-    return tfd.Independent(tfd.Normal(mean, tf.exp(log_std)), 1)
+        scale = _dense(h, cfg.z_dim, "log_std")
+    scale = tf.nn.softplus(scale) + 1e-6 if cfg.softplus_scale else tf.exp(scale)
+    return tfd.Independent(tfd.Normal(mean, scale), 1)
 
 
 def decoder(z, y, cfg, output_bias=0.0):
@@ -437,6 +455,21 @@ Graph = collections.namedtuple("Graph", [
     "log_px", "test_elbo", "z_in", "x_mean", "z_mean", "init", "saver"])
 
 
+def _optimizer(loss, step, cfg):
+    """Adam on `loss`; with cfg.ema_decay also an exponential moving average of the
+    weights (Polyak averaging), which evaluation and figures then read through the
+    returned variable getter (None when off). The average starts as a plain mean
+    (decay (1 + t) / (10 + t) at step t) so that early epochs are not dominated by
+    the random initial weights."""
+    train_op = tf.train.AdamOptimizer(cfg.learning_rate).minimize(loss, step)
+    if not cfg.ema_decay:
+        return train_op, None
+    ema = tf.train.ExponentialMovingAverage(cfg.ema_decay, num_updates=step)
+    with tf.control_dependencies([train_op]):
+        train_op = ema.apply(tf.trainable_variables())
+    return train_op, lambda getter, *args, **kwargs: ema.average(getter(*args, **kwargs))
+
+
 def build_graph(cfg, pixel_mean=None):
     """Builds training, evaluation and generation ops in a fresh tf.Graph.
 
@@ -470,15 +503,16 @@ def build_graph(cfg, pixel_mean=None):
         x = tf.cast(tf.random.stateless_uniform(tf.shape(probs), bin_seed) < probs, tf.float32)
         bound, recon, kl = elbo(x, labels, cfg, z_seed, bias)
         stats = tf.stack([tf.reduce_mean(bound), tf.reduce_mean(recon), tf.reduce_mean(kl)])
-        train_op = tf.train.AdamOptimizer(cfg.learning_rate).minimize(-stats[0], step)
+        train_op, getter = _optimizer(-stats[0], step, cfg)
         x_in = tf.placeholder(tf.float32, [None, X_DIM], "x_in")
         y_in = tf.placeholder(tf.int32, [None], "y_in")
         k_in = tf.placeholder(tf.int32, [], "k_in")
         seed_in = tf.placeholder(tf.int32, [2], "seed_in")
-        log_px, test_elbo = log_likelihood(x_in, y_in, cfg, k_in, seed_in)
         z_in = tf.placeholder(tf.float32, [None, cfg.z_dim], "z_in")
-        x_mean = decoder(z_in, y_in, cfg).mean()
-        z_mean = encoder(x_in, y_in, cfg).mean()
+        with tf.variable_scope(tf.get_variable_scope(), custom_getter=getter):
+            log_px, test_elbo = log_likelihood(x_in, y_in, cfg, k_in, seed_in)
+            x_mean = decoder(z_in, y_in, cfg).mean()
+            z_mean = encoder(x_in, y_in, cfg).mean()
         return Graph(graph, x_data, y_data, tf.local_variables_initializer(), batch_idx,
                      train_op, stats, step, epoch, epoch_in, tf.assign(epoch, epoch_in), x_in, y_in,
                      k_in, seed_in, log_px, test_elbo, z_in, x_mean, z_mean,
@@ -577,8 +611,9 @@ def start_fresh(cfg):
     TensorBoard events); its PNGs are overwritten as new ones are written."""
     paths = _paths(cfg)
     shutil.rmtree(paths["ckpt"], ignore_errors=True)
-    for path in [paths["metrics"], *glob.glob(os.path.join(cfg.results_dir, "events.out.*"))]:
-        os.remove(path)
+    for path in glob.glob(os.path.join(cfg.results_dir, "events.out.*")) + [paths["metrics"]]:
+        if os.path.exists(path):
+            os.remove(path)
 
 
 def _check_shapes(g, path, cfg):
@@ -861,27 +896,31 @@ def main(cfg=Config()):
         n = len(data["x_train"])
         print(f"Training on {n} digits, {n // cfg.batch_size} steps per epoch, epochs "
               f"{done + 1}..{cfg.epochs}; results in {cfg.results_dir}/", flush=True)
-        with tf.summary.FileWriter(cfg.results_dir) as writer:
-            for epoch in range(done + 1, cfg.epochs + 1):
-                start = time.time()
-                try:
+        epoch = done + 1
+        try:
+            with tf.summary.FileWriter(cfg.results_dir) as writer:
+                for epoch in range(done + 1, cfg.epochs + 1):
+                    start = time.time()
                     stats = train_epoch(sess, g, cfg, epoch, n)
-                except KeyboardInterrupt:
-                    raise UserError(f"interrupted in epoch {epoch}; epochs 1..{epoch - 1} "
-                                    f"are saved in {cfg.results_dir}/: run again to resume")
-                end_of_epoch(sess, g, cfg, epoch, stats, time.time() - start, data, writer)
+                    end_of_epoch(sess, g, cfg, epoch, stats, time.time() - start, data, writer)
+        except KeyboardInterrupt:
+            saved = tf.train.get_checkpoint_state(_paths(cfg)["ckpt"])
+            saved = int(saved.model_checkpoint_path.rsplit("-", 1)[1]) if saved else 0
+            raise Interrupted(f"interrupted in epoch {epoch}; " + (
+                f"epochs 1..{saved} are saved in {cfg.results_dir}/: run again to resume"
+                if saved else "no epoch had finished, so nothing was saved")) from None
     rows = read_metrics(_paths(cfg)["metrics"])
     summarize(cfg, rows)
     return rows
 
 
-def cli():
-    """Entry point: runs main() with the constants; one clear line on failure."""
+def cli(cfg=Config()):
+    """Entry point: runs main(cfg); one clear line and a non-zero code on failure."""
     try:
-        main()
+        main(cfg)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return err.exit_code
     except KeyboardInterrupt:
         print("interrupted; the last finished epoch is saved: run again to resume",
               file=sys.stderr)

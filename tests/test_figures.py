@@ -1,0 +1,121 @@
+"""The grid writer's layout, and what each figure puts in each row and column."""
+import dataclasses
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import cvae_mnist as cm
+
+PITCH = 30  # a 28-pixel tile plus a 2-pixel gutter
+
+
+def tile(image, r, c):
+    return image[2 + r * PITCH:2 + r * PITCH + 28, 2 + c * PITCH:2 + c * PITCH + 28]
+
+
+def test_grid_layout_row_order_and_range(tmp_path):
+    values = np.arange(30, dtype=np.float32).reshape(10, 3, 1) / 29       # tile (r, c) is flat
+    tiles = np.broadcast_to(values, (10, 3, 784))
+    image = cm.tile_grid(tiles)
+    assert image.shape == (302, 92) and image.dtype == np.uint8
+    for r in range(10):
+        for c in range(3):
+            assert (tile(image, r, c) == round(255 * values[r, c, 0])).all()
+    gutter = np.ones_like(image, bool)
+    for r in range(10):
+        for c in range(3):
+            gutter[2 + r * PITCH:2 + r * PITCH + 28, 2 + c * PITCH:2 + c * PITCH + 28] = False
+    assert (image[gutter] == cm.GRID_GAP_LEVEL).all()
+    assert tile(image, 0, 0).max() == 0 and tile(image, 9, 2).min() == 255   # ink is bright
+
+
+def test_grid_png_of_ten_columns_is_302_square(tmp_path):
+    path = tmp_path / "g.png"
+    cm.save_png(cm.tile_grid(np.random.default_rng(0).random((10, 10, 784))), str(path))
+    with Image.open(path) as img:
+        assert img.size == (302, 302) and img.mode == "L"
+
+
+@pytest.fixture(scope="module")
+def model(mnist):
+    cfg = dataclasses.replace(cm.Config(), z_dim=4, hidden_units=32, samples_per_class=3)
+    g = cm.build_graph(cfg, mnist["x_train"].mean(0))
+    sess = cm.tf.Session(graph=g.graph)
+    sess.run(g.init)
+    x, y = cm.binarize(mnist["x_test"][:300], 0), mnist["y_test"][:300]
+    yield sess, g, cfg, x, y
+    sess.close()
+
+
+def decode(model, z, label):
+    sess, g = model[:2]
+    return cm._decode(sess, g, np.atleast_2d(z), [label])[0]
+
+
+def encode(model, x, label):
+    sess, g = model[:2]
+    return cm._encode(sess, g, x[None], [label])[0]
+
+
+def test_sample_grid_row_k_is_digit_k(model):
+    sess, g, cfg = model[:3]
+    tiles = cm.sample_tiles(sess, g, cfg)
+    assert tiles.shape == (10, 3, 784)
+    z = np.random.default_rng([cfg.seed, 1]).standard_normal((30, cfg.z_dim))
+    np.testing.assert_allclose(tiles[7, 2], decode(model, z[7 * 3 + 2], 7), atol=1e-5)
+    np.testing.assert_allclose(tiles[0, 0], decode(model, z[0], 0), atol=1e-5)
+
+
+def test_style_grid_first_column_is_the_input_then_labels_0_to_9(model):
+    sess, g, cfg, x, y = model
+    tiles = cm.style_tiles(sess, g, x, y)
+    assert tiles.shape == (10, 11, 784)
+    for k in (0, 4, 9):
+        i = np.flatnonzero(y == k)[0]
+        np.testing.assert_array_equal(tiles[k, 0], x[i])
+        z = encode(model, x[i], k)
+        for label in (0, 6):
+            np.testing.assert_allclose(tiles[k, 1 + label], decode(model, z, label), atol=1e-5)
+
+
+def test_fixed_z_grid_uses_one_z_per_row(model):
+    sess, g, cfg = model[:3]
+    tiles = cm.style_prior_tiles(sess, g, cfg)
+    assert tiles.shape == (10, 10, 784)
+    z = np.random.default_rng([cfg.seed, 2]).standard_normal((10, cfg.z_dim))
+    for r in (0, 5):
+        for label in (1, 8):
+            np.testing.assert_allclose(tiles[r, label], decode(model, z[r], label), atol=1e-5)
+    assert not np.allclose(tiles[0, 3], tiles[1, 3])
+
+
+def test_reconstruction_grid_alternates_digit_and_reconstruction(model):
+    sess, g, cfg, x, y = model
+    tiles = cm.recon_tiles(sess, g, x, y)
+    assert tiles.shape == (10, 10, 784)
+    i = np.flatnonzero(y == 3)[:5]
+    np.testing.assert_array_equal(tiles[3, 0::2], x[i])
+    np.testing.assert_allclose(tiles[3, 3], decode(model, encode(model, x[i[1]], 3), 3), atol=1e-5)
+
+
+def test_interpolation_grid_runs_from_one_digit_to_another(model):
+    sess, g, cfg, x, y = model
+    tiles = cm.interp_tiles(sess, g, x, y)
+    assert tiles.shape == (10, 10, 784)
+    a, b = np.flatnonzero(y == 5)[:2]
+    np.testing.assert_array_equal(tiles[5, 0], x[a])
+    np.testing.assert_array_equal(tiles[5, -1], x[b])
+    np.testing.assert_allclose(tiles[5, 1], decode(model, encode(model, x[a], 5), 5), atol=1e-5)
+    np.testing.assert_allclose(tiles[5, -2], decode(model, encode(model, x[b], 5), 5), atol=1e-5)
+
+
+def test_learning_curve_is_an_rgb_png(tmp_path):
+    rows = [dict(epoch=e, train_elbo=-100 + e, test_elbo=-98 + e if e % 2 == 0 else None,
+                 test_log_px=-95 + e if e % 2 == 0 else None) for e in range(1, 7)]
+    path = tmp_path / "curve.png"
+    cm.draw_learning_curve(rows, str(path))
+    with Image.open(path) as img:
+        assert img.mode == "RGB" and img.size == (720, 440)
+        colors = {c for _, c in img.getcolors(1 << 16)}
+    assert {(31, 119, 180), (255, 127, 14), (44, 160, 44)} <= colors   # all three series drawn

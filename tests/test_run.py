@@ -1,0 +1,199 @@
+"""End-to-end runs of main(): outputs, resuming, crashes, bad settings, NaN."""
+import dataclasses
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import cvae_mnist as cm
+from conftest import ROOT, small_config
+
+
+@pytest.fixture(scope="module")
+def finished(small_data_dir, tmp_path_factory):
+    """An uninterrupted 2-epoch run on real digits: (results dir, metrics rows, stdout)."""
+    results = tmp_path_factory.mktemp("finished")
+    cfg = small_config(small_data_dir, results, epochs=2)
+    rows, out = run_main(cfg)
+    return results, rows, out
+
+
+def run_main(cfg, capsys=None):
+    import contextlib
+    import io
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rows = cm.main(cfg)
+    return rows, buf.getvalue()
+
+
+def test_end_to_end_writes_grids_and_improves(finished):
+    results, rows, out = finished
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[1]["train_elbo"] > rows[0]["train_elbo"]
+    assert rows[1]["test_elbo"] > rows[0]["test_elbo"]
+    assert rows[0]["ll_samples"] == 5 and rows[1]["ll_samples"] == 20   # full K at the end
+    assert all(r["test_log_px"] > r["test_elbo"] for r in rows)
+    assert re.search(r"^Epoch 2 \(\d+\.\d+s\): Lower bound = -\d+\.\d\d", out, re.M)
+    assert re.search(r"^>> Test lower bound = -\d+\.\d\d$", out, re.M)
+    assert re.search(r"^>> Test log likelihood \(IS\) = -\d+\.\d\d$", out, re.M)
+    for name in ["cvae", "style", "style_prior", "recon", "interp"]:
+        with Image.open(results / f"{name}.epoch.2.png") as img:
+            assert img.mode == "L" and img.size[1] == 302
+    with Image.open(results / "cvae.epoch.2.png") as img:
+        assert img.size == (302, 302)
+    assert (results / "learning_curve.png").exists()
+    assert list(results.glob("events.out.tfevents.*"))
+
+
+def test_tensorboard_events_hold_scalars_and_images(finished):
+    results = finished[0]
+    tags = set()
+    for path in results.glob("events.out.tfevents.*"):
+        for event in cm.tf.train.summary_iterator(str(path)):
+            tags |= {v.tag for v in event.summary.value}
+    assert {"train_elbo", "train_kl", "test_log_px", "cvae", "style", "learning_curve"} <= tags
+
+
+def test_finished_run_says_so_and_does_not_train(finished, small_data_dir):
+    results, rows, _ = finished
+    again, out = run_main(small_config(small_data_dir, results, epochs=2))
+    assert "already holds a finished run of 2 epochs" in out
+    assert again == rows
+
+
+def test_resumed_run_matches_uninterrupted_one(finished, small_data_dir, tmp_path):
+    run_main(small_config(small_data_dir, tmp_path, epochs=1))
+    rows, out = run_main(small_config(small_data_dir, tmp_path, epochs=2))
+    assert "epochs 2..2" in out and "Epoch 1 " not in out
+    train_columns = ["epoch", "train_elbo", "train_recon", "train_kl"]
+    for got, want in zip(rows, finished[1], strict=True):
+        for key in train_columns:
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-3), key
+    # epoch 1 was the last of the first part, so it was evaluated with the full K there
+    assert rows[0]["ll_samples"] == 20 and finished[1][0]["ll_samples"] == 5
+    for key in ["test_elbo", "test_log_px"]:
+        assert rows[1][key] == pytest.approx(finished[1][1][key], rel=1e-5, abs=1e-3), key
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_one_before(finished, small_data_dir,
+                                                                 tmp_path, capfd):
+    shutil.copytree(finished[0], tmp_path, dirs_exist_ok=True)
+    data = tmp_path / "checkpoints" / "ckpt-2.data-00000-of-00001"
+    data.write_bytes(data.read_bytes()[:100])         # a save cut short
+    rows, out = run_main(small_config(small_data_dir, tmp_path, epochs=2))
+    assert "unreadable" in capfd.readouterr().err
+    assert "epochs 2..2" in out
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[1]["train_elbo"] == pytest.approx(finished[1][1]["train_elbo"], rel=1e-5)
+
+
+def test_other_model_shape_is_refused(finished, small_data_dir, tmp_path):
+    shutil.copytree(finished[0], tmp_path, dirs_exist_ok=True)
+    with pytest.raises(cm.UserError, match="RESUME = False"):
+        cm.main(small_config(small_data_dir, tmp_path, epochs=3, z_dim=9))
+
+
+def test_resume_false_starts_fresh(finished, small_data_dir, tmp_path):
+    shutil.copytree(finished[0], tmp_path, dirs_exist_ok=True)
+    rows, out = run_main(small_config(small_data_dir, tmp_path, epochs=1, resume=False))
+    assert "epochs 1..1" in out and [r["epoch"] for r in rows] == [1]
+    assert not list(tmp_path.glob("checkpoints/ckpt-2*"))
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(epochs=0), "EPOCHS"), (dict(batch_size=0), "BATCH_SIZE"),
+    (dict(batch_size=5000), "BATCH_SIZE = 5000 is larger"), (dict(z_dim=0), "Z_DIM"),
+    (dict(learning_rate=0.0), "LEARNING_RATE"), (dict(learning_rate=-1e-3), "LEARNING_RATE"),
+    (dict(results_dir="/proc/no/such/dir"), "RESULTS_DIR"),
+])
+def test_bad_constants_are_refused_before_work(small_data_dir, tmp_path, change, words):
+    cfg = dataclasses.replace(small_config(small_data_dir, tmp_path / "r"), **change)
+    with pytest.raises(cm.UserError, match=re.escape(words)):
+        cm.main(cfg)
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def cli_command(cfg):
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    return [sys.executable, "-c", "import sys, cvae_mnist as c; "
+            f"sys.exit(c.cli(c.Config(**{fields!r})))"]
+
+
+def test_cli_prints_one_line_without_traceback(small_data_dir, tmp_path):
+    proc = subprocess.run(cli_command(small_config(small_data_dir, tmp_path, epochs=-1)),
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == \
+        "error: EPOCHS = -1: it must be a whole number >= 1"
+
+
+def test_nan_stops_with_epoch_and_step_and_keeps_checkpoint(mnist):
+    cfg = dataclasses.replace(cm.Config(), z_dim=4, hidden_units=32)
+    g = cm.build_graph(cfg)
+    with g.graph.as_default():
+        bias, = [v for v in cm.tf.global_variables() if v.op.name == "decoder/logits/b"]
+        poison = cm.tf.assign(bias, np.full(784, np.nan, np.float32))
+    with cm.tf.Session(graph=g.graph) as sess:
+        sess.run(g.init)
+        sess.run(g.load_data, {g.x_data: mnist["x_train"][:512], g.y_data: mnist["y_train"][:512]})
+        cm.train_epoch(sess, g, cfg, 1, 512)
+        sess.run(poison)
+        with pytest.raises(cm.UserError, match=r"at epoch 2, step 1/4.*checkpoint of epoch 1"):
+            cm.train_epoch(sess, g, cfg, 2, 512)
+
+
+def wait_for_rows(path, n, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if path.exists() and len(path.read_text().splitlines()) > n:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"no {n} rows in {path} (exit {proc.poll()})")
+
+
+def long_epochs(data_dir, results, epochs):
+    """Epochs of 160 small steps, long enough to be killed in the middle of one."""
+    return small_config(data_dir, results, epochs=epochs, batch_size=8, save_freq=10,
+                        test_freq=10, test_limit=100)
+
+
+def test_killed_run_resumes_without_lost_or_repeated_epochs(small_data_dir, tmp_path):
+    proc = subprocess.Popen(cli_command(long_epochs(small_data_dir, tmp_path, 4)), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    wait_for_rows(tmp_path / "metrics.csv", 2, proc)        # header + epoch 1 written
+    proc.kill()                                               # like kill -9 or a power cut
+    proc.wait()
+    resumed = subprocess.run(cli_command(long_epochs(small_data_dir, tmp_path, 4)), cwd=ROOT,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    first = int(re.search(r"epochs (\d+)\.\.4", resumed.stdout).group(1))
+    assert first >= 2
+    assert re.findall(r"^Epoch (\d+) ", resumed.stdout, re.M) == [str(e) for e in range(first, 5)]
+    rows = cm.read_metrics(str(tmp_path / "metrics.csv"))
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    reference, _ = run_main(long_epochs(small_data_dir, tmp_path / "ref", 4))
+    for got, want in zip(rows, reference):
+        assert got["train_elbo"] == pytest.approx(want["train_elbo"], rel=1e-5)
+
+
+def test_ctrl_c_exits_cleanly_with_one_line(small_data_dir, tmp_path):
+    proc = subprocess.Popen(cli_command(long_epochs(small_data_dir, tmp_path, 50)), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_rows(tmp_path / "metrics.csv", 2, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(r"error: interrupted in epoch \d+; epochs 1\.\.\d+ are saved in .*: "
+                        r"run again to resume", last)
+    assert (tmp_path / "checkpoints" / "checkpoint").exists()
