@@ -58,9 +58,9 @@ LEARNING_RATE = 1e-3     # Adam step size
 TRAIN_SAMPLES = 1        # z samples per digit in the SGVB estimate of the ELBO
 ANALYTIC_KL = True       # closed-form KL(q||p); False = one-sample Monte-Carlo KL
 OUTPUT_BIAS_INIT = True  # start the decoder's output bias at logit(mean pixel)
-HE_INIT = False          # ReLU layers start from He weights (variance 2/fan-in), not Glorot
-SOFTPLUS_SCALE = False   # sigma = softplus(head) instead of exp(log-std head)
-EMA_DECAY = 0.0          # evaluate and draw with weights averaged at this decay; 0 = off
+SOFTPLUS_SCALE = True    # sigma = softplus(scale head); False = exp(log-std head)
+EMA_DECAY = 0.999        # evaluate and draw with weights averaged at this decay per step; 0 = off
+EMA_EVERY = 10           # update that average every this many steps (a tenth of the cost)
 SAVE_FREQ = 10           # write the figures every this many epochs (and after the last)
 SAMPLES_PER_CLASS = 10   # columns of the per-class sample grid
 TEST_FREQ = 10           # evaluate on the test set every this many epochs (and after the last)
@@ -108,9 +108,9 @@ class Config:
     train_samples: int = TRAIN_SAMPLES
     analytic_kl: bool = ANALYTIC_KL
     output_bias_init: bool = OUTPUT_BIAS_INIT
-    he_init: bool = HE_INIT
     softplus_scale: bool = SOFTPLUS_SCALE
     ema_decay: float = EMA_DECAY
+    ema_every: int = EMA_EVERY
     save_freq: int = SAVE_FREQ
     samples_per_class: int = SAMPLES_PER_CLASS
     test_freq: int = TEST_FREQ
@@ -161,7 +161,7 @@ tfd = _LazyModule("tensorflow_probability", "distributions")
 # ----------------------------------------------------------------------------
 def validate_config(cfg):
     """Raises UserError naming the first bad setting, before any work starts."""
-    positive = ["epochs", "batch_size", "z_dim", "hidden_units", "train_samples",
+    positive = ["epochs", "batch_size", "z_dim", "hidden_units", "train_samples", "ema_every",
                 "save_freq", "samples_per_class", "test_freq", "ll_samples",
                 "ll_samples_interim", "test_batch_size", "keep_checkpoints"]
     for name in positive:
@@ -171,6 +171,8 @@ def validate_config(cfg):
     if not (isinstance(cfg.learning_rate, (int, float)) and cfg.learning_rate > 0
             and math.isfinite(cfg.learning_rate)):
         raise UserError(f"LEARNING_RATE = {cfg.learning_rate!r}: it must be a number > 0")
+    if not (isinstance(cfg.ema_decay, (int, float)) and 0 <= cfg.ema_decay < 1):
+        raise UserError(f"EMA_DECAY = {cfg.ema_decay!r}: it must be in [0, 1) (0 = off)")
     for name in ["threads", "train_limit", "test_limit"]:
         value = getattr(cfg, name)
         if not isinstance(value, int) or value < 0:
@@ -372,13 +374,10 @@ def binarize(x, seed):
 # ----------------------------------------------------------------------------
 # Model: networks, distributions, the bound and the importance-sampled likelihood
 # ----------------------------------------------------------------------------
-def _dense(h, units, name, activation=None, bias_init=0.0, he=False):
-    """h [N, D] -> [N, units]; variables created once in the enclosing scope.
-    Glorot weights keep the variance of a linear layer; He weights (he=True)
-    that of a ReLU layer, which zeroes half its inputs."""
-    init = (tf.variance_scaling_initializer(2.0, "fan_in", "truncated_normal") if he
-            else tf.glorot_uniform_initializer())
-    w = tf.get_variable(f"{name}/w", [h.shape[-1], units], initializer=init)
+def _dense(h, units, name, activation=None, bias_init=0.0):
+    """h [N, D] -> [N, units]; variables created once in the enclosing scope."""
+    w = tf.get_variable(f"{name}/w", [h.shape[-1], units],
+                        initializer=tf.glorot_uniform_initializer())
     b = tf.get_variable(f"{name}/b", [units], initializer=tf.constant_initializer(bias_init))
     out = tf.nn.bias_add(tf.matmul(h, w), b)
     return activation(out) if activation else out
@@ -386,8 +385,8 @@ def _dense(h, units, name, activation=None, bias_init=0.0, he=False):
 
 def _mlp(h, cfg):
     """Two hidden layers of cfg.hidden_units ReLU units: [N, D] -> [N, H]."""
-    h = _dense(h, cfg.hidden_units, "h1", tf.nn.relu, he=cfg.he_init)
-    return _dense(h, cfg.hidden_units, "h2", tf.nn.relu, he=cfg.he_init)
+    h = _dense(h, cfg.hidden_units, "h1", tf.nn.relu)
+    return _dense(h, cfg.hidden_units, "h2", tf.nn.relu)
 
 
 def prior(cfg):
@@ -399,9 +398,12 @@ def encoder(x, y, cfg):
     """q(z|x,y): x [B, 784] in {0,1}, y [B] int -> Gaussian, batch [B], event [Z]."""
     with tf.variable_scope("encoder", reuse=tf.AUTO_REUSE):
         h = _mlp(tf.concat([x, tf.one_hot(y, N_CLASSES)], -1), cfg)
-        mean = _dense(h, cfg.z_dim, "mean")
-        scale = _dense(h, cfg.z_dim, "log_std")
-    scale = tf.nn.softplus(scale) + 1e-6 if cfg.softplus_scale else tf.exp(scale)
+        # one layer for both heads: one multiply of width 2Z instead of two of width Z
+        mean, raw = tf.split(_dense(h, 2 * cfg.z_dim, "mean_scale"), 2, axis=-1)
+    # exp(log-std) grows exponentially with the head's output, so one large step can
+    # blow sigma up; softplus grows linearly for large inputs and behaves like exp
+    # for small ones, and the 1e-6 floor keeps log q finite.
+    scale = tf.nn.softplus(raw) + 1e-6 if cfg.softplus_scale else tf.exp(raw)
     return tfd.Independent(tfd.Normal(mean, scale), 1)
 
 
@@ -450,24 +452,27 @@ def log_likelihood(x, y, cfg, n_samples, seed):
 
 
 Graph = collections.namedtuple("Graph", [
-    "graph", "x_data", "y_data", "load_data", "batch_idx", "train_op", "stats",
+    "graph", "x_data", "y_data", "load_data", "batch_idx", "train_op", "average_op", "stats",
     "global_step", "epoch", "epoch_in", "set_epoch", "x_in", "y_in", "k_in", "seed_in",
     "log_px", "test_elbo", "z_in", "x_mean", "z_mean", "init", "saver"])
 
 
 def _optimizer(loss, step, cfg):
-    """Adam on `loss`; with cfg.ema_decay also an exponential moving average of the
-    weights (Polyak averaging), which evaluation and figures then read through the
-    returned variable getter (None when off). The average starts as a plain mean
-    (decay (1 + t) / (10 + t) at step t) so that early epochs are not dominated by
-    the random initial weights."""
+    """Adam on `loss`. Returns (train_op, average_op, getter): average_op is a training
+    step that also updates an exponential moving average of the weights (Polyak
+    averaging), run every cfg.ema_every steps with decay ema_decay ** ema_every, the
+    same time constant as a per-step average at a fraction of the memory traffic.
+    Evaluation and figures read the averaged weights through `getter` (None when
+    cfg.ema_decay is 0). The average starts as a plain mean (decay (1 + n) / (10 + n)
+    at update n), so early epochs are not dominated by the random initial weights."""
     train_op = tf.train.AdamOptimizer(cfg.learning_rate).minimize(loss, step)
     if not cfg.ema_decay:
-        return train_op, None
-    ema = tf.train.ExponentialMovingAverage(cfg.ema_decay, num_updates=step)
+        return train_op, train_op, None
+    ema = tf.train.ExponentialMovingAverage(cfg.ema_decay ** cfg.ema_every,
+                                            num_updates=step // cfg.ema_every)
     with tf.control_dependencies([train_op]):
-        train_op = ema.apply(tf.trainable_variables())
-    return train_op, lambda getter, *args, **kwargs: ema.average(getter(*args, **kwargs))
+        average_op = ema.apply(tf.trainable_variables())
+    return train_op, average_op, lambda getter, *a, **k: ema.average(getter(*a, **k))
 
 
 def build_graph(cfg, pixel_mean=None):
@@ -503,7 +508,7 @@ def build_graph(cfg, pixel_mean=None):
         x = tf.cast(tf.random.stateless_uniform(tf.shape(probs), bin_seed) < probs, tf.float32)
         bound, recon, kl = elbo(x, labels, cfg, z_seed, bias)
         stats = tf.stack([tf.reduce_mean(bound), tf.reduce_mean(recon), tf.reduce_mean(kl)])
-        train_op, getter = _optimizer(-stats[0], step, cfg)
+        train_op, average_op, getter = _optimizer(-stats[0], step, cfg)
         x_in = tf.placeholder(tf.float32, [None, X_DIM], "x_in")
         y_in = tf.placeholder(tf.int32, [None], "y_in")
         k_in = tf.placeholder(tf.int32, [], "k_in")
@@ -514,8 +519,9 @@ def build_graph(cfg, pixel_mean=None):
             x_mean = decoder(z_in, y_in, cfg).mean()
             z_mean = encoder(x_in, y_in, cfg).mean()
         return Graph(graph, x_data, y_data, tf.local_variables_initializer(), batch_idx,
-                     train_op, stats, step, epoch, epoch_in, tf.assign(epoch, epoch_in), x_in, y_in,
-                     k_in, seed_in, log_px, test_elbo, z_in, x_mean, z_mean,
+                     train_op, average_op, stats, step, epoch, epoch_in,
+                     tf.assign(epoch, epoch_in), x_in, y_in, k_in, seed_in, log_px,
+                     test_elbo, z_in, x_mean, z_mean,
                      tf.global_variables_initializer(),
                      tf.train.Saver(tf.global_variables(), max_to_keep=cfg.keep_checkpoints,
                                     save_relative_paths=True))
@@ -539,7 +545,9 @@ def train_epoch(sess, g, cfg, epoch, n_train):
     total = np.zeros(3)
     for t in range(steps):
         batch = order[t * cfg.batch_size:(t + 1) * cfg.batch_size]
-        _, stats = sess.run([g.train_op, g.stats], {g.batch_idx: batch})
+        average = ((epoch - 1) * steps + t + 1) % cfg.ema_every == 0
+        _, stats = sess.run([g.average_op if average else g.train_op, g.stats],
+                            {g.batch_idx: batch})
         if not np.isfinite(stats).all():
             raise UserError(
                 f"the loss became {-stats[0]} at epoch {epoch}, step {t + 1}/{steps}; "

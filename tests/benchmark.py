@@ -38,7 +38,7 @@ def median_rate(run, units, windows=7, repeats=40):
 def layer_shapes(cfg):
     """(fan_in, fan_out) of every dense layer, encoder first."""
     h, z, c, x = cfg.hidden_units, cfg.z_dim, 10, 784
-    enc = [(x + c, h), (h, h), (h, z), (h, z)]
+    enc = [(x + c, h), (h, h), (h, 2 * z)]
     dec = [(z + c, h), (h, h), (h, x)]
     return enc, dec
 
@@ -84,8 +84,10 @@ def train_rate(cm, cfg, data):
     batches = order[:len(order) // cfg.batch_size * cfg.batch_size].reshape(-1, cfg.batch_size)
     counter = iter(range(10 ** 9))
 
-    def step():
-        sess.run([g.train_op, g.stats], {g.batch_idx: batches[next(counter) % len(batches)]})
+    def step():  # as train_epoch does it: the weight average every EMA_EVERY steps
+        t = next(counter)
+        op = g.average_op if (t + 1) % cfg.ema_every == 0 else g.train_op
+        sess.run([op, g.stats], {g.batch_idx: batches[t % len(batches)]})
     for _ in range(50):
         step()
     return median_rate(step, 1), g, sess

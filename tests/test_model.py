@@ -68,11 +68,37 @@ def test_each_network_is_created_once():
         cm.decoder(tf.zeros([5, cfg.z_dim]), tf.zeros([5], tf.int32), cfg)  # one more call
         cm.encoder(tf.zeros([5, 784]), tf.zeros([5], tf.int32), cfg)
         after = {v.op.name: v.shape.as_list() for v in tf.trainable_variables()}
-    # encoder: h1, h2, mean, log_std; decoder: h1, h2, logits; a weight and a bias each
-    assert len(before) == 14 and after == before
+    # encoder: h1, h2, mean_scale; decoder: h1, h2, logits; a weight and a bias each
+    assert len(before) == 12 and after == before
     assert before["encoder/h1/w"] == [784 + 10, 32]
     assert before["decoder/h1/w"] == [4 + 10, 32]
     assert before["decoder/logits/w"] == [32, 784]
+    assert before["encoder/mean_scale/w"] == [32, 2 * 4]
+
+
+def ancestors(tensor):
+    """Names of every op that `tensor` is computed from."""
+    seen, todo = set(), [tensor.op]
+    while todo:
+        op = todo.pop()
+        if op.name not in seen:
+            seen.add(op.name)
+            todo.extend(i.op for i in op.inputs)
+            todo.extend(op.control_inputs)
+    return seen
+
+
+def test_evaluation_and_figures_read_the_averaged_weights():
+    g = cm.build_graph(tiny(ema_decay=0.99))
+    for tensor in (g.log_px, g.x_mean, g.z_mean):
+        names = ancestors(tensor)
+        assert "decoder/logits/w/ExponentialMovingAverage" in names or tensor is g.z_mean
+        assert "encoder/h1/w/ExponentialMovingAverage" in names or tensor is g.x_mean
+        assert "decoder/logits/w" not in names and "encoder/h1/w" not in names
+    assert "decoder/logits/w" in ancestors(g.stats)          # training uses the live weights
+    plain = cm.build_graph(tiny(ema_decay=0.0))
+    assert "decoder/logits/w" in ancestors(plain.x_mean)
+    assert plain.average_op is plain.train_op
 
 
 def test_elbo_of_a_batch_is_finite_and_negative(batch):
@@ -109,15 +135,17 @@ def test_closed_form_kl_matches_monte_carlo(batch):
 def one_dim_model(mnist):
     """A z_dim = 1 model after a few steps, where log p(x|y) can be computed exactly
     by quadrature over z. Returns (session, graph, x, y, exact log p(x|y) [16])."""
-    cfg = dataclasses.replace(cm.Config(), z_dim=1, hidden_units=32, ll_samples=1000)
+    # no weight average: the quadrature below reads the same (live) weights as log_px
+    cfg = dataclasses.replace(cm.Config(), z_dim=1, hidden_units=32, ll_samples=1000,
+                              ema_decay=0.0)
     g = cm.build_graph(cfg, mnist["x_train"].mean(0))
     sess = session(g)
     sess.run(g.load_data, {g.x_data: mnist["x_train"][:2560], g.y_data: mnist["y_train"][:2560]})
     for step in range(STEPS):
         sess.run(g.train_op, {g.batch_idx: np.arange(step % 20 * 128, (step % 20 + 1) * 128)})
-    with g.graph.as_default():   # widen q(z|x,y) threefold: a poor proposal, a clear gap
-        log_std_b, = [v for v in tf.global_variables() if v.op.name == "encoder/log_std/b"]
-        sess.run(tf.assign_add(log_std_b, tf.fill([1], 1.1)))
+    with g.graph.as_default():   # widen q(z|x,y): a poor proposal, a clear gap
+        head_b, = [v for v in tf.global_variables() if v.op.name == "encoder/mean_scale/b"]
+        sess.run(tf.assign_add(head_b, [0.0, 1.1]))                 # [mean, scale] of z
     x, y = cm.binarize(mnist["x_test"][:16], 1), mnist["y_test"][:16]
     grid = np.linspace(-8, 8, 4001, dtype=np.float32)
     with g.graph.as_default():
