@@ -805,15 +805,18 @@ def draw_learning_curve(rows, path):
     draw.rectangle([left, top, width - right, height - bottom], outline="black")
     draw.text((left, 10), "nats per digit (higher is better)", fill="black")
     draw.text((width // 2 - 16, height - 18), "epoch", fill="black")
+    # the legend sits bottom right, below curves that rise to the right
+    box = (width - right - 200, height - bottom - 62, width - right - 8, height - bottom - 8)
+    draw.rectangle(box, fill="white", outline=(160, 160, 160))
     for i, (label, key, color) in enumerate(series):
         pts = [at(*p) for p in points[key]]
         if len(pts) > 1:
             draw.line(pts, fill=color, width=2)
         for x, y in pts:
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-        ly = top + 12 + 16 * i
-        draw.line([(width - right - 190, ly), (width - right - 166, ly)], fill=color, width=3)
-        draw.text((width - right - 160, ly - 6), label, fill="black")
+        ly = box[1] + 12 + 16 * i
+        draw.line([(box[0] + 8, ly), (box[0] + 32, ly)], fill=color, width=3)
+        draw.text((box[0] + 38, ly - 6), label, fill="black")
     return save_png(np.asarray(img), path)
 
 
@@ -892,6 +895,7 @@ def main(cfg=Config()):
     """Trains (or resumes), evaluates and draws; returns the rows of metrics.csv.
     Raises UserError for anything the user can fix."""
     validate_config(cfg)
+    tf.get_logger().setLevel("ERROR")  # no deprecation notes from inside the Saver
     data = prepare_data(cfg)
     g = build_graph(cfg, data["x_train"].mean(0))
     with tf.Session(graph=g.graph, config=session_config(cfg)) as sess:
