@@ -1,5 +1,6 @@
 """Reading MNIST: every accepted format, and a clear error for every bad file."""
 import gzip
+import hashlib
 import os
 import pickle
 import struct
@@ -152,3 +153,19 @@ def test_mismatched_idx_label_count(tmp_path, small):
         f.write(struct.pack(">2I", 0x801, 299) + small["y_train"][:299].astype(np.uint8).tobytes())
     with pytest.raises(cm.UserError, match="labels have shape"):
         load(tmp_path)
+
+
+def test_download_lands_verified_file_and_nothing_else(tmp_path):
+    cm.fetch_mnist(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["mnist.pkl.gz"]
+    assert hashlib.sha256((tmp_path / "mnist.pkl.gz").read_bytes()).hexdigest() == cm.MNIST_SHA256
+
+
+def test_failed_download_leaves_nothing_behind(tmp_path, monkeypatch):
+    # pip is pointed at a closed local port: the download fails at once
+    for key, value in {"PIP_CONFIG_FILE": os.devnull, "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
+                       "PIP_RETRIES": "0", "PIP_TIMEOUT": "2"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(cm.UserError, match="download failed.*mnist.npz"):
+        cm.load_mnist(str(tmp_path), download=True)
+    assert os.listdir(tmp_path) == []
