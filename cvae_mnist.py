@@ -28,6 +28,7 @@ Run ``python cvae_mnist.py``; change behaviour by editing the constants below.
 import collections
 import csv
 import dataclasses
+import functools
 import glob
 import gzip
 import hashlib
@@ -416,8 +417,22 @@ def decoder(z, y, cfg, output_bias=0.0):
     h = tf.reshape(tf.concat([z, y_hot], -1), [-1, cfg.z_dim + N_CLASSES])
     with tf.variable_scope("decoder", reuse=tf.AUTO_REUSE):
         logits = _dense(_mlp(h, cfg), X_DIM, "logits", bias_init=output_bias)
-    return tfd.Independent(tfd.Bernoulli(logits=tf.reshape(logits, tf.concat(
+    return tfd.Independent(_binary_bernoulli()(logits=tf.reshape(logits, tf.concat(
         [lead, [X_DIM]], 0)), dtype=tf.float32), 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _binary_bernoulli():
+    """tfd.Bernoulli with log_prob specialised to x in {0, 1}, which is all we feed it:
+    log p(x) = x log sigmoid(l) + (1 - x) log sigmoid(-l) = -softplus((1 - 2x) l).
+    That is one pass over the logits; TFP's general formula, which also serves
+    fractional x, takes two softplus passes and four more (the 1000-sample
+    evaluation spent more time there than in its matrix multiplies)."""
+    class BinaryBernoulli(tfd.Bernoulli):
+        def _log_prob(self, event):
+            sign = 1 - 2 * tf.cast(event, self._logits.dtype)
+            return -tf.nn.softplus(sign * self._logits)
+    return BinaryBernoulli
 
 
 def elbo(x, y, cfg, seed, output_bias=0.0):
