@@ -362,8 +362,11 @@ def load_mnist(data_dir, download=True):
         x_test, y_test = _check_split(x_test, y_test, "test")
     except (OSError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError,
             pickle.UnpicklingError, zipfile.BadZipFile, struct.error) as err:
-        raise UserError(f"{path} is not usable MNIST: {err}. Delete or replace it "
-                        "(with DOWNLOAD = True the script fetches a fresh copy)") from None
+        html = os.path.isfile(path) and open(path, "rb").read(64).lstrip()[:1] == b"<"
+        raise UserError(f"{path} is not usable MNIST: {err}"
+                        + (" (it starts like a web page: a failed download?)" if html else "")
+                        + ". Delete or replace it (with DOWNLOAD = True the script fetches "
+                        "a fresh copy)") from None
     return dict(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
 
 
@@ -899,7 +902,8 @@ def summarize(cfg, rows):
     """The closing lines: final test figures and the time the whole run took."""
     final = [r for r in rows if r.get("test_log_px") is not None][-1:]
     total = sum(r["seconds"] + (r.get("eval_seconds") or 0) for r in rows)
-    print(f"Done: {int(rows[-1]['epoch'])} epochs, {total:.0f}s of training and evaluation.")
+    epochs = int(rows[-1]["epoch"])
+    print(f"Done: {epochs} epoch{'s' * (epochs != 1)}, {total:.0f}s of training and evaluation.")
     if final:
         print(f"Final test lower bound = {final[0]['test_elbo']:.2f}, test log p(x|y) "
               f"(IS, {int(final[0]['ll_samples'])} samples) = {final[0]['test_log_px']:.2f}. "
@@ -910,8 +914,8 @@ def main(cfg=Config()):
     """Trains (or resumes), evaluates and draws; returns the rows of metrics.csv.
     Raises UserError for anything the user can fix."""
     validate_config(cfg)
+    data = prepare_data(cfg)  # before TensorFlow is imported: bad data fails fast
     tf.get_logger().setLevel("ERROR")  # no deprecation notes from inside the Saver
-    data = prepare_data(cfg)
     g = build_graph(cfg, data["x_train"].mean(0))
     with tf.Session(graph=g.graph, config=session_config(cfg)) as sess:
         sess.run(g.load_data, {g.x_data: data["x_train"], g.y_data: data["y_train"]})

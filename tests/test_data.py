@@ -109,6 +109,7 @@ def test_bad_pickle_gets_one_clear_line(tmp_path, small, kind):
     message = str(err.value)
     assert "mnist.pkl.gz" in message and "Delete or replace it" in message
     assert "\n" not in message
+    assert ("web page" in message) == (kind == "html page")
 
 
 class Boom:

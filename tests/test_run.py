@@ -136,6 +136,16 @@ def test_cli_prints_one_line_without_traceback(small_data_dir, tmp_path):
         "error: EPOCHS = -1: it must be a whole number >= 1"
 
 
+def test_bad_data_fails_fast_with_exactly_one_line(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mnist.pkl.gz").write_text("<!DOCTYPE html><html>404</html>")
+    cfg = small_config(tmp_path / "data", tmp_path / "results")
+    proc = subprocess.run(cli_command(cfg), capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 1 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()       # TensorFlow is not even imported yet
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "web page" in lines[0]
+
+
 def test_nan_stops_with_epoch_and_step_and_keeps_checkpoint(mnist):
     cfg = dataclasses.replace(cm.Config(), z_dim=4, hidden_units=32)
     g = cm.build_graph(cfg)
