@@ -493,12 +493,32 @@ def _optimizer(loss, step, cfg):
     return train_op, average_op, lambda getter, *a, **k: ema.average(getter(*a, **k))
 
 
+def _training_batch(cfg, step):
+    """The training set as local variables (kept out of checkpoints, filled once per
+    session from x_data [N, 784] and y_data [N]); a step gathers batch_idx [B] and
+    binarizes it there. Returns x_data, y_data, batch_idx, x [B, 784], y [B] and the
+    seed for the step's z samples."""
+    x_data = tf.placeholder(tf.float32, [None, X_DIM], "x_data")
+    y_data = tf.placeholder(tf.int32, [None], "y_data")
+    x_store = tf.get_local_variable("x_store", initializer=x_data, validate_shape=False)
+    y_store = tf.get_local_variable("y_store", initializer=y_data, validate_shape=False)
+    batch_idx = tf.placeholder(tf.int32, [None], "batch_idx")
+    # Stateless randomness keyed by (SEED, step): a resumed run draws exactly
+    # what an uninterrupted one would, and no step repeats another's draws.
+    seed = tf.stack([tf.constant(cfg.seed, tf.int32), tf.cast(step, tf.int32)])
+    bin_seed, z_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    probs = tf.reshape(tf.gather(x_store, batch_idx), [-1, X_DIM])
+    labels = tf.reshape(tf.gather(y_store, batch_idx), [-1])
+    # Dynamic binarization: a fresh x ~ Bernoulli(pixel) every time a digit is seen.
+    x = tf.cast(tf.random.stateless_uniform(tf.shape(probs), bin_seed) < probs, tf.float32)
+    return x_data, y_data, batch_idx, x, labels, z_seed
+
+
 def build_graph(cfg, pixel_mean=None):
     """Builds training, evaluation and generation ops in a fresh tf.Graph.
 
     pixel_mean [784] (mean training pixel) sets the initial output bias to its logit
-    when cfg.output_bias_init. The training set lives in the graph (filled once by
-    `load_data`); each step gathers a batch by index and binarizes it there.
+    when cfg.output_bias_init.
     """
     bias = 0.0
     if cfg.output_bias_init and pixel_mean is not None:
@@ -510,20 +530,7 @@ def build_graph(cfg, pixel_mean=None):
         step = tf.train.get_or_create_global_step()
         epoch = tf.get_variable("epoch", [], tf.int64, tf.zeros_initializer(), trainable=False)
         epoch_in = tf.placeholder(tf.int64, [], "epoch_in")
-        x_data = tf.placeholder(tf.float32, [None, X_DIM], "x_data")
-        y_data = tf.placeholder(tf.int32, [None], "y_data")
-        # Local variables: kept out of checkpoints, filled once per session.
-        x_store = tf.get_local_variable("x_store", initializer=x_data, validate_shape=False)
-        y_store = tf.get_local_variable("y_store", initializer=y_data, validate_shape=False)
-        batch_idx = tf.placeholder(tf.int32, [None], "batch_idx")
-        # Stateless randomness keyed by (SEED, step): a resumed run draws exactly
-        # what an uninterrupted one would, and no step repeats another's draws.
-        seed = tf.stack([tf.constant(cfg.seed, tf.int32), tf.cast(step, tf.int32)])
-        bin_seed, z_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-        probs = tf.reshape(tf.gather(x_store, batch_idx), [-1, X_DIM])
-        labels = tf.reshape(tf.gather(y_store, batch_idx), [-1])
-        # Dynamic binarization: a fresh x ~ Bernoulli(pixel) every time a digit is seen.
-        x = tf.cast(tf.random.stateless_uniform(tf.shape(probs), bin_seed) < probs, tf.float32)
+        x_data, y_data, batch_idx, x, labels, z_seed = _training_batch(cfg, step)
         bound, recon, kl = elbo(x, labels, cfg, z_seed, bias)
         stats = tf.stack([tf.reduce_mean(bound), tf.reduce_mean(recon), tf.reduce_mean(kl)])
         train_op, average_op, getter = _optimizer(-stats[0], step, cfg)
