@@ -362,7 +362,10 @@ def load_mnist(data_dir, download=True):
         x_test, y_test = _check_split(x_test, y_test, "test")
     except (OSError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError,
             pickle.UnpicklingError, zipfile.BadZipFile, struct.error) as err:
-        html = os.path.isfile(path) and open(path, "rb").read(64).lstrip()[:1] == b"<"
+        html = False
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                html = f.read(64).lstrip()[:1] == b"<"
         raise UserError(f"{path} is not usable MNIST: {err}"
                         + (" (it starts like a web page: a failed download?)" if html else "")
                         + ". Delete or replace it (with DOWNLOAD = True the script fetches "
@@ -561,6 +564,12 @@ def session_config(cfg):
 # ----------------------------------------------------------------------------
 # Training and evaluation
 # ----------------------------------------------------------------------------
+def step_op(g, cfg, step):
+    """The op for training step `step` (counted from 1 over the whole run): the plain
+    Adam step, or every cfg.ema_every steps the one that also updates the average."""
+    return g.average_op if step % cfg.ema_every == 0 else g.train_op
+
+
 def train_epoch(sess, g, cfg, epoch, n_train):
     """One pass of Adam steps over the stored training set, in an order fixed by
     (SEED, epoch); the remainder of n_train / batch_size is left out, as in the seed.
@@ -570,8 +579,7 @@ def train_epoch(sess, g, cfg, epoch, n_train):
     total = np.zeros(3)
     for t in range(steps):
         batch = order[t * cfg.batch_size:(t + 1) * cfg.batch_size]
-        average = ((epoch - 1) * steps + t + 1) % cfg.ema_every == 0
-        _, stats = sess.run([g.average_op if average else g.train_op, g.stats],
+        _, stats = sess.run([step_op(g, cfg, (epoch - 1) * steps + t + 1), g.stats],
                             {g.batch_idx: batch})
         if not np.isfinite(stats).all():
             raise UserError(

@@ -86,8 +86,7 @@ def train_rate(cm, cfg, data):
 
     def step():  # as train_epoch does it: the weight average every EMA_EVERY steps
         t = next(counter)
-        op = g.average_op if (t + 1) % cfg.ema_every == 0 else g.train_op
-        sess.run([op, g.stats], {g.batch_idx: batches[t % len(batches)]})
+        sess.run([cm.step_op(g, cfg, t + 1), g.stats], {g.batch_idx: batches[t % len(batches)]})
     for _ in range(50):
         step()
     return median_rate(step, 1), g, sess

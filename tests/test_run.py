@@ -1,5 +1,7 @@
 """End-to-end runs of main(): outputs, resuming, crashes, bad settings, NaN."""
+import contextlib
 import dataclasses
+import io
 import os
 import re
 import shutil
@@ -25,9 +27,8 @@ def finished(small_data_dir, tmp_path_factory):
     return results, rows, out
 
 
-def run_main(cfg, capsys=None):
-    import contextlib
-    import io
+def run_main(cfg):
+    """main(cfg) with its stdout captured: (metrics rows, printed text)."""
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         rows = cm.main(cfg)
