@@ -141,8 +141,9 @@ def one_dim_model(mnist):
     g = cm.build_graph(cfg, mnist["x_train"].mean(0))
     sess = session(g)
     sess.run(g.load_data, {g.x_data: mnist["x_train"][:2560], g.y_data: mnist["y_train"][:2560]})
+    sess.run(g.prepare, {g.order: np.arange(2560, dtype=np.int32), g.epoch_in: 1})
     for step in range(STEPS):
-        sess.run(g.train_op, {g.batch_idx: np.arange(step % 20 * 128, (step % 20 + 1) * 128)})
+        sess.run(g.train_op, {g.batch_in_epoch: step % 20})
     with g.graph.as_default():   # widen q(z|x,y): a poor proposal, a clear gap
         head_b, = [v for v in tf.global_variables() if v.op.name == "encoder/mean_scale/b"]
         sess.run(tf.assign_add(head_b, [0.0, 1.1]))                 # [mean, scale] of z
@@ -193,31 +194,40 @@ def test_importance_sampling_is_finite_for_extreme_images(one_dim_model):
     assert lp[1] < lp[0] < 0         # an all-ink page is the less likely, but not -inf
 
 
-def test_fast_training_step_matches_a_plain_reference(mnist):
-    """The step's ELBO (training set inside the graph, gathered by index, binarized
-    in the graph, BinaryBernoulli log-likelihood, TFP's closed-form KL) equals a plain
-    computation from a fed numpy batch with TFP's stock Bernoulli and the KL formula
-    written out, for the same batch and the same (SEED, step) draws."""
-    cfg = tiny()
-    idx = np.arange(100, 164, dtype=np.int32)
+@pytest.mark.parametrize("split", [1, 3])
+def test_fast_training_step_matches_a_plain_reference(mnist, split):
+    """The step's ELBO (training set inside the graph, binarized and ordered once per
+    epoch, sliced per step, computed in `split` parts, BinaryBernoulli log-likelihood,
+    TFP's closed-form KL) equals a plain computation from a fed numpy batch with
+    TFP's stock Bernoulli, the reparameterization and the KL formula written out, for
+    the same digits and the same draws: binarization keyed by (SEED, epoch), z for
+    part i by the i-th key split from (SEED, step)."""
+    cfg = tiny(batch_size=64, train_split=split)
+    order = np.random.default_rng(5).permutation(512).astype(np.int32)
+    epoch, t = 3, 2                                    # step 2 of epoch 3 of a fresh graph
+    idx = order[t * 64:(t + 1) * 64]
     g = cm.build_graph(cfg, mnist["x_train"].mean(0))
     with g.graph.as_default():
-        probs = tf.placeholder(tf.float32, [None, 784])
-        labels = tf.placeholder(tf.int32, [None])
-        seed = tf.constant([cfg.seed, 0])                      # step 0 of a fresh graph
-        bin_seed, z_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-        x = tf.cast(tf.random.stateless_uniform(tf.shape(probs), bin_seed) < probs, tf.float32)
+        probs = tf.placeholder(tf.float32, [512, 784])
+        labels = tf.placeholder(tf.int32, [64])
+        key = tf.random.experimental.stateless_fold_in(tf.constant([cfg.seed, epoch]), 1)
+        lit = tf.random.stateless_uniform([512, 784], key) < probs
+        x = tf.cast(tf.gather(lit, idx), tf.float32)
         q = cm.encoder(x, labels, cfg)
-        z = q.sample(1, seed=z_seed)
-        logits = cm.decoder(z, labels, cfg).distribution.logits
-        recon = tfd.Independent(tfd.Bernoulli(logits=logits, dtype=tf.float32), 1).log_prob(x)[0]
         mu, sigma = q.mean(), q.stddev()
+        seeds = tf.random.experimental.stateless_split(tf.constant([cfg.seed, 0]), split)
+        sizes = [len(p) for p in np.array_split(np.arange(64), split)]
+        eps = tf.concat([tf.random.stateless_normal([1, n, cfg.z_dim], seeds[i])
+                         for i, n in enumerate(sizes)], 1)
+        logits = cm.decoder(mu + sigma * eps, labels, cfg).distribution.logits
+        recon = tfd.Independent(tfd.Bernoulli(logits=logits, dtype=tf.float32), 1).log_prob(x)[0]
         kl = 0.5 * tf.reduce_sum(mu ** 2 + sigma ** 2 - 1 - 2 * tf.math.log(sigma), -1)
         reference = tf.stack([tf.reduce_mean(recon - kl), tf.reduce_mean(recon),
                               tf.reduce_mean(kl)])
     with session(g) as sess:
         sess.run(g.load_data, {g.x_data: mnist["x_train"][:512], g.y_data: mnist["y_train"][:512]})
-        fast = sess.run(g.stats, {g.batch_idx: idx})
-        plain = sess.run(reference, {probs: mnist["x_train"][idx], labels: mnist["y_train"][idx]})
+        sess.run(g.prepare, {g.order: order, g.epoch_in: epoch})
+        fast = sess.run(g.stats, {g.batch_in_epoch: t})
+        plain = sess.run(reference, {probs: mnist["x_train"][:512], labels: mnist["y_train"][idx]})
     np.testing.assert_allclose(fast, plain, rtol=1e-5)
     assert fast[0] < -100                                        # an untrained model

@@ -113,6 +113,7 @@ def test_resume_false_starts_fresh(finished, small_data_dir, tmp_path):
     (dict(epochs=0), "EPOCHS"), (dict(batch_size=0), "BATCH_SIZE"),
     (dict(batch_size=5000), "BATCH_SIZE = 5000 is larger"), (dict(z_dim=0), "Z_DIM"),
     (dict(learning_rate=0.0), "LEARNING_RATE"), (dict(learning_rate=-1e-3), "LEARNING_RATE"),
+    (dict(train_split=0), "TRAIN_SPLIT"), (dict(train_split=65), "TRAIN_SPLIT = 65"),
     (dict(results_dir="/proc/no/such/dir"), "RESULTS_DIR"),
 ])
 def test_bad_constants_are_refused_before_work(small_data_dir, tmp_path, change, words):
