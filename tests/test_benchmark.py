@@ -1,0 +1,47 @@
+"""The throughput benchmark's parts, at a tiny size: they run, they measure what they
+say, and the report computes its ratios within rounds. (The timings themselves are
+the benchmark's business, not the tests'.)"""
+import dataclasses
+
+import numpy as np
+
+import benchmark as bm
+import cvae_mnist as cm
+
+
+def tiny():
+    return dataclasses.replace(cm.Config(), z_dim=4, hidden_units=32, batch_size=16,
+                               test_batch_size=2, ll_samples=10, threads=1)
+
+
+def test_plain_step_trains_the_model_it_claims():
+    """The plain-TF reference step is a real training step: with the ELBO's terms and
+    Adam its loss (a negative ELBO, in nats per digit) falls on its fixed batch."""
+    step = bm.plain_step(cm, tiny(), terms=True, adam=True)
+    losses = [step()[1] for _ in range(60)]
+    assert 300 < losses[0] < 5000            # 784 Bernoulli pixels from random weights
+    assert losses[-1] < 0.8 * losses[0]     # 544 -> 376 nats here
+
+
+def test_interleaved_rounds_and_ratios(capsys):
+    cfg = tiny()
+    calls = {"slow": 0}
+
+    def slow():
+        calls["slow"] += 1
+        bm.time.sleep(0.002)
+    runners = {"ceiling": (bm.matmul_ceiling(cm, cfg, cfg.batch_size, backward=True), 1, 3),
+               "likelihood": (bm.plain_likelihood(cm, cfg), 20, 2),
+               "slow": (slow, 1, 4)}
+    rates = bm.interleaved(runners, rounds=3)
+    assert calls["slow"] == 2 + 3 * 4                 # two untimed calls, then 3 windows
+    assert all(len(r) == 3 and min(r) > 0 for r in rates.values())
+    assert max(rates["slow"]) < 500                   # 4 calls of >= 2 ms each per window
+    ratios = bm.report("training", "steps/s", rates, "ceiling",
+                       {"ceiling": "the ceiling", "slow": "a slow step"})
+    assert ratios["ceiling"] == 1.0
+    expected = np.median(np.array(rates["slow"]) / np.array(rates["ceiling"]))
+    assert ratios["slow"] == expected
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "training (steps/s; median of 3 rounds, ratio to the ceiling):"
+    assert out[2].split()[:3] == ["a", "slow", "step"] and out[2].endswith(f"{expected:.2f}")
