@@ -193,7 +193,7 @@ def report(title, unit, rates, ceiling, labels):
     for name, label in labels.items():
         rate = np.median(rates[name])
         ratios[name] = np.median(np.array(rates[name]) / np.array(rates[ceiling]))
-        print(f"  {label:<58} {rate:>9,.1f}  {ratios[name]:.2f}")
+        print(f"  {label:<62} {rate:>9,.1f}  {ratios[name]:.2f}")
     return ratios
 
 
