@@ -47,7 +47,8 @@ def interleaved(runners, rounds=ROUNDS):
     """runners: {name: (run, units, repeats)}. Returns {name: [rate per round]}, one
     window of each runner per round, after two untimed calls of each."""
     for run, _, _ in runners.values():
-        run(), run()
+        for _ in range(2):
+            run()
     rates = {name: [] for name in runners}
     for _ in range(rounds):
         for name, (run, units, repeats) in runners.items():
@@ -55,15 +56,16 @@ def interleaved(runners, rounds=ROUNDS):
     return rates
 
 
-def layer_shapes(cfg):
+def layer_shapes(cm, cfg):
     """(fan_in, fan_out) of every dense layer, encoder first."""
-    h, z, c, x = cfg.hidden_units, cfg.z_dim, 10, 784
+    h, z, c, x = cfg.hidden_units, cfg.z_dim, cm.N_CLASSES, cm.X_DIM
     enc = [(x + c, h), (h, h), (h, 2 * z)]
     dec = [(z + c, h), (h, h), (h, x)]
     return enc, dec
 
 
 def session(cm, cfg, graph, init):
+    """A session on `graph` with the script's thread settings, `init` already run."""
     sess = cm.tf.Session(graph=graph, config=cm.session_config(cfg))
     sess.run(init)
     return sess
@@ -75,7 +77,7 @@ def matmul_ceiling(cm, cfg, rows, backward, decoder_rows=None):
     (default the same). With backward, each layer also gets its weight gradient,
     and every layer but the encoder's first (whose input is data) its input gradient."""
     tf = cm.tf
-    enc, dec = layer_shapes(cfg)
+    enc, dec = layer_shapes(cm, cfg)
     graph = tf.Graph()
     with graph.as_default():
         ops = []
@@ -95,6 +97,13 @@ def matmul_ceiling(cm, cfg, rows, backward, decoder_rows=None):
     return lambda: sess.run(total)
 
 
+def plain_dense(tf, h, d_out, relu):
+    """A dense layer in plain TensorFlow ops: h [N, D] -> [N, d_out]."""
+    w = tf.Variable(tf.random.normal([int(h.shape[-1]), d_out]) * 0.03)
+    out = tf.nn.bias_add(tf.matmul(h, w), tf.Variable(tf.zeros([d_out])))
+    return tf.nn.relu(out) if relu else out
+
+
 def plain_step(cm, cfg, terms, adam):
     """A callable that runs one training step of the same model written in plain
     TensorFlow, with a fixed binarized batch and fixed noise already in memory (no
@@ -104,22 +113,21 @@ def plain_step(cm, cfg, terms, adam):
     plain gradient descent instead of Adam."""
     tf = cm.tf
     graph = tf.Graph()
-    b, x_dim, c = cfg.batch_size, 784, 10
+    b, c = cfg.batch_size, cm.N_CLASSES
     with graph.as_default():
-        x = tf.Variable(tf.cast(tf.random.uniform([b, x_dim]) < 0.2, tf.float32), trainable=False)
+        x = tf.Variable(tf.cast(tf.random.uniform([b, cm.X_DIM]) < 0.2, tf.float32),
+                        trainable=False)
         y_hot = tf.Variable(tf.one_hot(tf.range(b) % c, c), trainable=False)
         eps = tf.Variable(tf.random.normal([b, cfg.z_dim]), trainable=False)
 
-        def dense(h, d_out, relu=True):
-            w = tf.Variable(tf.random.normal([int(h.shape[-1]), d_out]) * 0.03)
-            out = tf.nn.bias_add(tf.matmul(h, w), tf.Variable(tf.zeros([d_out])))
-            return tf.nn.relu(out) if relu else out
-        h = dense(dense(tf.concat([x, y_hot], 1), cfg.hidden_units), cfg.hidden_units)
-        mu, raw = tf.split(dense(h, 2 * cfg.z_dim, relu=False), 2, axis=1)
+        def mlp(h):
+            return plain_dense(tf, plain_dense(tf, h, cfg.hidden_units, True),
+                               cfg.hidden_units, True)
+        h = mlp(tf.concat([x, y_hot], 1))
+        mu, raw = tf.split(plain_dense(tf, h, 2 * cfg.z_dim, False), 2, axis=1)
         sigma = tf.nn.softplus(raw) + 1e-6
         z = mu + sigma * eps
-        h = dense(dense(tf.concat([z, y_hot], 1), cfg.hidden_units), cfg.hidden_units)
-        logits = dense(h, x_dim, relu=False)
+        logits = plain_dense(tf, mlp(tf.concat([z, y_hot], 1)), cm.X_DIM, False)
         if terms:
             recon = -tf.reduce_sum(tf.nn.softplus((1 - 2 * x) * logits), 1)
             kl = 0.5 * tf.reduce_sum(mu ** 2 + sigma ** 2 - 1 - 2 * tf.math.log(sigma), 1)
@@ -141,12 +149,10 @@ def plain_likelihood(cm, cfg):
     rows = cfg.test_batch_size * cfg.ll_samples
     graph = tf.Graph()
     with graph.as_default():
-        h = tf.Variable(tf.random.normal([rows, cfg.z_dim + 10]))
-        for d_in, d_out in layer_shapes(cfg)[1]:
-            w = tf.Variable(tf.random.normal([d_in, d_out]) * 0.03)
-            h = tf.nn.bias_add(tf.matmul(h, w), tf.Variable(tf.zeros([d_out])))
-            h = tf.nn.relu(h) if d_out != 784 else h
-        x = tf.Variable(tf.cast(tf.random.uniform([rows, 784]) < 0.2, tf.float32))
+        h = tf.Variable(tf.random.normal([rows, cfg.z_dim + cm.N_CLASSES]))
+        for _, d_out in layer_shapes(cm, cfg)[1]:
+            h = plain_dense(tf, h, d_out, relu=d_out != cm.X_DIM)
+        x = tf.Variable(tf.cast(tf.random.uniform([rows, cm.X_DIM]) < 0.2, tf.float32))
         log_p = -tf.reduce_sum(tf.nn.softplus((1 - 2 * x) * h), 1)
         total = tf.reduce_sum(log_p[:1])
         init = tf.global_variables_initializer()
@@ -155,8 +161,8 @@ def plain_likelihood(cm, cfg):
 
 
 def training_runner(cm, cfg, data):
-    """A callable that trains one whole epoch with train_epoch, and its graph and
-    session (trained for one epoch already, so its timings are steady)."""
+    """A callable that trains one whole epoch with train_epoch (epochs 1, 2, ... in
+    turn), and its graph and session."""
     g = cm.build_graph(cfg, data["x_train"].mean(0))
     sess = session(cm, cfg, g.graph, g.init)
     sess.run(g.load_data, {g.x_data: data["x_train"], g.y_data: data["y_train"]})
