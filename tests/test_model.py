@@ -101,62 +101,64 @@ def test_evaluation_and_figures_read_the_averaged_weights():
     assert plain.average_op is plain.train_op
 
 
-def test_elbo_of_a_batch_is_finite_and_negative(batch):
+def test_prior_is_the_standard_normal():
     cfg = tiny()
-    g = cm.build_graph(cfg)
-    with g.graph.as_default():
-        eps = tf.random.stateless_normal([1, 64, cfg.z_dim], [3, 4])
-        bound, recon, kl = cm.elbo(tf.constant(batch[0]), tf.constant(batch[1]), cfg, eps)
-    with session(g) as sess:
-        bound, recon, kl = sess.run([bound, recon, kl])
-    assert bound.shape == (64,) and np.isfinite(bound).all()
-    assert (bound < 0).all() and (kl >= 0).all()
-    np.testing.assert_allclose(bound, recon - kl, rtol=1e-6)
+    z = np.random.default_rng(0).standard_normal((6, cfg.z_dim)).astype(np.float32) * 2
+    with tf.Graph().as_default(), tf.Session() as sess:
+        got = sess.run(cm.prior(cfg).log_prob(z))
+    want = (-0.5 * z.astype(np.float64) ** 2 - 0.5 * np.log(2 * np.pi)).sum(1)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
-def test_closed_form_kl_matches_monte_carlo(batch):
-    cfg = tiny()
-    g = cm.build_graph(cfg)
-    n = 20000
-    with g.graph.as_default():
-        q = cm.encoder(tf.constant(batch[0][:8]), tf.constant(batch[1][:8]), cfg)
-        # make q far from the prior, so the test can tell the terms apart
-        q = tfd.Independent(tfd.Normal(q.mean() + 1.5, q.stddev() * 0.4), 1)
-        z = q.sample(n, seed=[5, 6])
-        log_ratio = q.log_prob(z) - cm.prior(cfg).log_prob(z)          # [n, 8]
-        kl = tfd.kl_divergence(q, cm.prior(cfg))
-    with session(g) as sess:
-        log_ratio, kl = sess.run([log_ratio, kl])
-    stderr = log_ratio.std(0) / np.sqrt(n)
-    assert (kl > 5).all()
-    assert (np.abs(log_ratio.mean(0) - kl) < 4 * stderr).all()
+def test_binary_log_likelihood_equals_tfp_bernoulli():
+    rng = np.random.default_rng(1)
+    logits = (rng.standard_normal((3, 5, 784)) * np.array([1, 10, 40])[:, None, None])
+    x = (rng.random((3, 5, 784)) < 0.3).astype(np.float32)
+    with tf.Graph().as_default(), tf.Session() as sess:
+        logits = tf.constant(logits.astype(np.float32))
+        ours = cm.binary_log_likelihood(logits, tf.constant(x))
+        tfp_own = tfd.Independent(tfd.Bernoulli(logits=logits, dtype=tf.float32), 1).log_prob(x)
+        ours, tfp_own = sess.run([ours, tfp_own])
+    assert ours.shape == (3, 5)
+    np.testing.assert_allclose(ours, tfp_own, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
 def one_dim_model(mnist):
     """A z_dim = 1 model after a few steps, where log p(x|y) can be computed exactly
     by quadrature over z. Returns (session, graph, x, y, exact log p(x|y) [16])."""
-    # no weight average: the quadrature below reads the same (live) weights as log_px
-    cfg = dataclasses.replace(cm.Config(), z_dim=1, hidden_units=32, ll_samples=1000,
-                              ema_decay=0.0)
+    cfg = one_dim_config()
     g = cm.build_graph(cfg, mnist["x_train"].mean(0))
     sess = session(g)
     sess.run(g.load_data, {g.x_data: mnist["x_train"][:2560], g.y_data: mnist["y_train"][:2560]})
-    sess.run(g.prepare, {g.order: np.arange(2560, dtype=np.int32), g.epoch_in: 1})
+    sess.run(g.prepare, {g.order: np.arange(2560, dtype=np.int32), g.train_key: [1, 1]})
     for step in range(STEPS):
         sess.run(g.train_op, {g.batch_in_epoch: step % 20})
     with g.graph.as_default():   # widen q(z|x,y): a poor proposal, a clear gap
         head_b, = [v for v in tf.global_variables() if v.op.name == "encoder/mean_scale/b"]
         sess.run(tf.assign_add(head_b, [0.0, 1.1]))                 # [mean, scale] of z
     x, y = cm.binarize(mnist["x_test"][:16], 1), mnist["y_test"][:16]
+    yield sess, g, x, y, quadrature((sess, g, x), y)
+    sess.close()
+
+
+def one_dim_config():
+    # no weight average: the quadrature reads the same (live) weights as log_px
+    return dataclasses.replace(cm.Config(), z_dim=1, hidden_units=32, ll_samples=1000,
+                               ema_decay=0.0)
+
+
+def quadrature(model, labels):
+    """Exact log p(x|y) [16] of the z_dim = 1 model's digits x under labels [16]: the
+    integral of p(x|z,y) p(z) over z on a fine grid."""
+    sess, g, x = model[:3]
     grid = np.linspace(-8, 8, 4001, dtype=np.float32)
     with g.graph.as_default():
         z = tf.constant(np.broadcast_to(grid[:, None, None], (len(grid), 16, 1)))
-        log_joint = cm.decoder(z, tf.constant(y), cfg).log_prob(tf.constant(x)) \
-            + cm.prior(cfg).log_prob(z)                                        # [G, 16]
+        log_joint = cm.decoder(z, tf.constant(labels), one_dim_config()).log_prob(x) \
+            + cm.prior(one_dim_config()).log_prob(z)                           # [G, 16]
         exact = tf.reduce_logsumexp(log_joint, 0) + np.log(grid[1] - grid[0])
-    yield sess, g, x, y, sess.run(exact)
-    sess.close()
+    return sess.run(exact)
 
 
 def log_px(model, k, copies=1, seed=0):
@@ -195,38 +197,111 @@ def test_importance_sampling_is_finite_for_extreme_images(one_dim_model):
     assert lp[1] < lp[0] < 0         # an all-ink page is the less likely, but not -inf
 
 
-@pytest.mark.parametrize("split", [1, 3])
-def test_fast_training_step_matches_a_plain_reference(mnist, split):
+def softplus(a):
+    return np.logaddexp(0, a)
+
+
+def plain_bound(weights, cfg, x, y, eps):
+    """The SGVB bound written out in numpy (float64) from the networks' weights:
+    x [B, 784] binary, y [B], eps [K, B, Z] -> mean (elbo, recon, kl) [3]."""
+    def mlp(h, net):
+        for layer in ("h1", "h2"):
+            h = np.maximum(h @ weights[f"{net}/{layer}/w"] + weights[f"{net}/{layer}/b"], 0)
+        return h
+    label = np.eye(10)[y]
+    enc_in = np.concatenate([x, label], 1) if cfg.conditional else x
+    head = mlp(enc_in, "encoder") @ weights["encoder/mean_scale/w"] + weights["encoder/mean_scale/b"]
+    mu, raw = head[:, :cfg.z_dim], head[:, cfg.z_dim:]
+    sigma = softplus(raw) + 1e-6 if cfg.softplus_scale else np.exp(raw)
+    z = mu + sigma * eps                                                   # [K, B, Z]
+    dec_in = np.concatenate([z, np.broadcast_to(label, z.shape[:2] + (10,))], 2) \
+        if cfg.conditional else z
+    logits = mlp(dec_in, "decoder") @ weights["decoder/logits/w"] + weights["decoder/logits/b"]
+    # log Bernoulli(x | sigmoid(l)) = x log sigmoid(l) + (1 - x) log sigmoid(-l)
+    recon = (-x * softplus(-logits) - (1 - x) * softplus(logits)).sum(-1).mean(0)
+    if cfg.analytic_kl:          # KL(N(mu, sigma^2) || N(0, 1)), summed over dimensions
+        kl = 0.5 * (mu ** 2 + sigma ** 2 - 1 - 2 * np.log(sigma)).sum(-1)
+    else:                        # log q(z|x,y) - log p(z) at the same z, averaged over K
+        log_q = (-0.5 * eps ** 2 - np.log(sigma) - 0.5 * np.log(2 * np.pi)).sum(-1)
+        log_p = (-0.5 * z ** 2 - 0.5 * np.log(2 * np.pi)).sum(-1)
+        kl = (log_q - log_p).mean(0)
+    return np.array([(recon - kl).mean(), recon.mean(), kl.mean()])
+
+
+SEED_RECIPE = dict(conditional=False, analytic_kl=False, softplus_scale=False, ema_decay=0.0,
+                   output_bias_init=False)
+
+
+@pytest.mark.parametrize("changes", [
+    dict(), dict(train_samples=3), SEED_RECIPE, dict(SEED_RECIPE, train_samples=3),
+    dict(analytic_kl=False), dict(softplus_scale=False), dict(conditional=False)],
+    ids=["default", "default-K3", "seed", "seed-K3", "mc-kl", "exp-scale", "vae"])
+def test_training_step_matches_the_bound_written_out(mnist, changes):
     """The step's ELBO (training set inside the graph, binarized, ordered and its z
-    noise drawn once per epoch, sliced per step, computed in `split` parts,
-    BinaryBernoulli log-likelihood, TFP's closed-form KL) equals a plain computation
-    from a fed numpy batch with TFP's stock Bernoulli, the reparameterization and the
-    KL formula written out, for the same digits and the same draws: binarization and
-    noise keyed by the two halves of the key split from (SEED, epoch)."""
-    cfg = tiny(batch_size=64, train_split=split)
+    noise drawn once per epoch, sliced per step) equals the bound written out in numpy
+    from the weights, for the same digits and the same draws: binarization and noise
+    keyed by the two halves of the key split from the epoch's key."""
+    cfg = tiny(batch_size=64, **changes)
     order = np.random.default_rng(5).permutation(512).astype(np.int32)
     epoch, t = 3, 2                                    # step 2 of epoch 3 of a fresh graph
     idx = order[t * 64:(t + 1) * 64]
+    key = cm.random_key(cfg.seed, cm.STREAM_TRAIN, epoch)
     g = cm.build_graph(cfg, mnist["x_train"].mean(0))
     with g.graph.as_default():
-        probs = tf.placeholder(tf.float32, [512, 784])
-        labels = tf.placeholder(tf.int32, [64])
-        bin_key, eps_key = tf.unstack(
-            tf.random.experimental.stateless_split(tf.constant([cfg.seed, epoch]), 2))
-        lit = tf.random.stateless_uniform([512, 784], bin_key) < probs
+        bin_key, eps_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+        lit = tf.random.stateless_uniform([512, 784], bin_key) < mnist["x_train"][:512]
         x = tf.cast(tf.gather(lit, idx), tf.float32)
-        q = cm.encoder(x, labels, cfg)
-        mu, sigma = q.mean(), q.stddev()
-        eps = tf.random.stateless_normal([1, 512, cfg.z_dim], eps_key)[:, t * 64:(t + 1) * 64]
-        logits = cm.decoder(mu + sigma * eps, labels, cfg).distribution.logits
-        recon = tfd.Independent(tfd.Bernoulli(logits=logits, dtype=tf.float32), 1).log_prob(x)[0]
-        kl = 0.5 * tf.reduce_sum(mu ** 2 + sigma ** 2 - 1 - 2 * tf.math.log(sigma), -1)
-        reference = tf.stack([tf.reduce_mean(recon - kl), tf.reduce_mean(recon),
-                              tf.reduce_mean(kl)])
+        eps = tf.random.stateless_normal([cfg.train_samples, 512, cfg.z_dim],
+                                         eps_key)[:, t * 64:(t + 1) * 64]
+        weights = {v.op.name: v for v in tf.trainable_variables()}
+        has_average = any("ExponentialMovingAverage" in v.op.name for v in tf.global_variables())
     with session(g) as sess:
         sess.run(g.load_data, {g.x_data: mnist["x_train"][:512], g.y_data: mnist["y_train"][:512]})
-        sess.run(g.prepare, {g.order: order, g.epoch_in: epoch})
+        sess.run(g.prepare, {g.order: order, g.train_key: key})
         fast = sess.run(g.stats, {g.batch_in_epoch: t})
-        plain = sess.run(reference, {probs: mnist["x_train"][:512], labels: mnist["y_train"][idx]})
-    np.testing.assert_allclose(fast, plain, rtol=1e-5)
+        x, eps, weights = sess.run([x, eps, weights])
+    want = plain_bound({k: v.astype(np.float64) for k, v in weights.items()}, cfg,
+                       x.astype(np.float64), mnist["y_train"][idx], eps.astype(np.float64))
+    np.testing.assert_allclose(fast, want, rtol=2e-5)
     assert fast[0] < -100                                        # an untrained model
+    pixel = np.clip(mnist["x_train"].mean(0), 1e-3, 1 - 1e-3)
+    np.testing.assert_allclose(weights["decoder/logits/b"],
+                               np.log(pixel / (1 - pixel)) if cfg.output_bias_init else 0,
+                               rtol=1e-5)
+    assert has_average == bool(cfg.ema_decay)                    # the seed averages nothing
+    assert (g.average_op is g.train_op) == (not cfg.ema_decay)
+
+
+def test_the_vae_has_no_label_inputs():
+    cfg = tiny(conditional=False)
+    g = cm.build_graph(cfg)
+    with g.graph.as_default():
+        shapes = {v.op.name: v.shape.as_list() for v in tf.trainable_variables()}
+    assert shapes["encoder/h1/w"] == [784, 32]                   # q(z|x): x alone
+    assert shapes["decoder/h1/w"] == [4, 32]                     # p(x|z): z alone
+    assert len(shapes) == 12
+    with session(g) as sess:                                     # the label changes nothing
+        x = np.random.default_rng(0).integers(0, 2, (2, 784)).astype(np.float32)
+        a, b = (sess.run([g.z_mean, g.x_mean], {g.x_in: x, g.z_in: np.ones((2, 4)), g.y_in: y})
+                for y in ([0, 1], [7, 3]))
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_label_mixture_and_bayes_classifier_match_quadrature(one_dim_model):
+    """log p(x) = logsumexp_y [log p(y) + log p(x|y)] and argmax_y p(y) p(x|y), each
+    p(x|y) exact by quadrature, against the importance-sampled label_mixture."""
+    sess, g, x, y, _ = one_dim_model
+    cfg = one_dim_config()
+    log_prior = np.log(np.random.default_rng(3).dirichlet(np.ones(10) * 2))
+    exact = np.stack([quadrature(one_dim_model, np.full(16, label)) for label in range(10)], 1)
+    joint = log_prior + exact                                           # [16, 10]
+    log_px_y = cm.importance_sampled(sess, g, cfg, x, y, 1000, cm.STREAM_EVAL)[0]
+    mixture, guess = cm.label_mixture(sess, g, cfg, x, y, log_px_y, log_prior)
+    want = np.logaddexp.reduce(joint, 1)
+    assert np.abs(mixture - want).max() < 0.05
+    assert (mixture < want + 0.05).all()                      # a lower bound in expectation
+    top2 = np.sort(joint, 1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 0.1                     # no near-ties
+    assert clear.sum() >= 8
+    np.testing.assert_array_equal(guess[clear], joint.argmax(1)[clear])

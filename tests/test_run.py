@@ -39,28 +39,39 @@ def test_end_to_end_writes_grids_and_improves(finished):
     results, rows, out = finished
     assert [r["epoch"] for r in rows] == [1, 2]
     assert rows[1]["train_elbo"] > rows[0]["train_elbo"]
-    assert rows[1]["test_elbo"] > rows[0]["test_elbo"]
+    assert rows[1]["eval_elbo"] > rows[0]["eval_elbo"]
     assert rows[0]["ll_samples"] == 5 and rows[1]["ll_samples"] == 20   # full K at the end
-    assert all(r["test_log_px"] > r["test_elbo"] for r in rows)
+    assert all(r["eval_log_px_y"] > r["eval_elbo"] for r in rows)
+    assert [r["eval_set"] for r in rows] == ["test", "test"]
+    # the label mixture and the classifier come with the last evaluation only
+    assert rows[0]["eval_log_px"] is None and rows[0]["eval_accuracy"] is None
+    assert 0 < rows[1]["eval_accuracy"] <= 1 and 1 <= rows[1]["active_units"] <= 8
+    # log p(x) >= log p(y) + log p(x|y) for each digit, so on average too
+    assert rows[1]["eval_log_px"] > rows[1]["eval_log_px_y"] + np.log(0.05)
     assert re.search(r"^Epoch 2 \(\d+\.\d+s\): Lower bound = -\d+\.\d\d", out, re.M)
     assert re.search(r"^>> Test lower bound = -\d+\.\d\d$", out, re.M)
-    assert re.search(r"^>> Test log likelihood \(IS\) = -\d+\.\d\d$", out, re.M)
+    assert re.search(r"^>> Test log p\(x\|y\) \(IS\) = -\d+\.\d\d$", out, re.M)
+    assert re.search(r"^>> Test log p\(x\) \(label mixture, IS\) = -\d+\.\d\d$", out, re.M)
+    assert re.search(r"^>> Test accuracy of argmax_y p\(y\|x\) = 0\.\d{4}$", out, re.M)
+    assert re.search(r"^>> Active units = \d+ of 8$", out, re.M)
     for name in ["cvae", "style", "style_prior", "recon", "interp"]:
         with Image.open(results / f"{name}.epoch.2.png") as img:
             assert img.mode == "L" and img.size[1] == 302
     with Image.open(results / "cvae.epoch.2.png") as img:
         assert img.size == (302, 302)
     assert (results / "learning_curve.png").exists()
-    assert list(results.glob("events.out.tfevents.*"))
+    assert list(results.glob("tensorboard/cvae/events.out.tfevents.*"))
 
 
 def test_tensorboard_events_hold_scalars_and_images(finished):
     results = finished[0]
     tags = set()
-    for path in results.glob("events.out.tfevents.*"):
+    for path in results.glob("tensorboard/cvae/events.out.tfevents.*"):
         for event in cm.tf.train.summary_iterator(str(path)):
             tags |= {v.tag for v in event.summary.value}
-    assert {"train_elbo", "train_kl", "test_log_px", "cvae", "style", "learning_curve"} <= tags
+    assert {"train/elbo", "train/kl", "test/elbo", "test/log_px_given_y", "test/log_px",
+            "test/accuracy", "test/active_units", "time/epoch_seconds", "figures/cvae",
+            "figures/style", "figures/learning_curve"} <= tags
 
 
 def test_finished_run_says_so_and_does_not_train(finished, small_data_dir):
@@ -80,7 +91,7 @@ def test_resumed_run_matches_uninterrupted_one(finished, small_data_dir, tmp_pat
             assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-3), key
     # epoch 1 was the last of the first part, so it was evaluated with the full K there
     assert rows[0]["ll_samples"] == 20 and finished[1][0]["ll_samples"] == 5
-    for key in ["test_elbo", "test_log_px"]:
+    for key in ["eval_elbo", "eval_log_px_y", "eval_log_px", "eval_accuracy"]:
         assert rows[1][key] == pytest.approx(finished[1][1][key], rel=1e-5, abs=1e-3), key
 
 
@@ -113,7 +124,7 @@ def test_resume_false_starts_fresh(finished, small_data_dir, tmp_path):
     (dict(epochs=0), "EPOCHS"), (dict(batch_size=0), "BATCH_SIZE"),
     (dict(batch_size=5000), "BATCH_SIZE = 5000 is larger"), (dict(z_dim=0), "Z_DIM"),
     (dict(learning_rate=0.0), "LEARNING_RATE"), (dict(learning_rate=-1e-3), "LEARNING_RATE"),
-    (dict(train_split=0), "TRAIN_SPLIT"), (dict(train_split=65), "TRAIN_SPLIT = 65"),
+    (dict(mixture_samples=0), "MIXTURE_SAMPLES"), (dict(mixture_margin=0), "MIXTURE_MARGIN"),
     (dict(results_dir="/proc/no/such/dir"), "RESULTS_DIR"),
 ])
 def test_bad_constants_are_refused_before_work(small_data_dir, tmp_path, change, words):
@@ -209,3 +220,59 @@ def test_ctrl_c_exits_cleanly_with_one_line(small_data_dir, tmp_path):
     assert re.fullmatch(r"error: interrupted in epoch \d+; epochs 1\.\.\d+ are saved in .*: "
                         r"run again to resume", last)
     assert (tmp_path / "checkpoints" / "checkpoint").exists()
+
+
+def test_vae_measures_log_px_and_draws_no_label_figures(small_data_dir, tmp_path):
+    rows, out = run_main(small_config(small_data_dir, tmp_path, conditional=False))
+    last = rows[-1]
+    assert last["eval_log_px"] > last["eval_elbo"]
+    assert last["eval_log_px_y"] is None and last["eval_accuracy"] is None
+    assert re.search(r"^>> Test log p\(x\) \(IS\) = -\d+\.\d\d$", out, re.M)
+    assert "Training the VAE p(x|z) q(z|x)" in out and "|y)" not in out and "z,y" not in out
+    assert sorted(p.name for p in tmp_path.glob("*.epoch.1.png")) == \
+        ["interp.epoch.1.png", "recon.epoch.1.png", "vae.epoch.1.png"]
+
+
+def test_checkpoint_of_the_other_kind_is_refused(finished, small_data_dir, tmp_path):
+    shutil.copytree(finished[0], tmp_path, dirs_exist_ok=True)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(cm.UserError, match=re.escape(
+            "made with CONDITIONAL = True; this run has CONDITIONAL = False")):
+        cm.main(small_config(small_data_dir, tmp_path, epochs=3, conditional=False))
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_validation_holds_out_the_last_training_digits_and_never_reads_test(mnist, tmp_path):
+    from test_data import as_uint8, write_idx
+    data = tmp_path / "data"
+    data.mkdir()
+    n = cm.VALIDATION_SIZE + 1280
+    x, y = as_uint8(mnist["x_train"][:n]), mnist["y_train"][:n]
+    write_idx(data, x, y, "train")                 # no test files at all: none is needed
+    cfg = small_config(data, tmp_path / "r", validation=True, test_limit=200)
+    split = cm.prepare_data(cfg)
+    pixels = x.reshape(n, 784) / np.float32(255)
+    np.testing.assert_array_equal(split["x_train"], pixels[:1280])
+    np.testing.assert_array_equal(split["x_eval"],
+                                  cm.binarize(pixels[1280:], cm.EVAL_SET_KEY)[:200])
+    rows, out = run_main(cfg)
+    assert rows[-1]["eval_set"] == "validation"
+    assert "evaluating on 200 validation digits" in out
+    assert re.search(r"^>> Validation log p\(x\) \(label mixture, IS\) = -\d+", out, re.M)
+    assert "Test" not in out
+    with pytest.raises(cm.UserError, match="t10k-images"):           # a test run needs them
+        cm.prepare_data(dataclasses.replace(cfg, validation=False))
+
+
+def test_evaluation_digits_do_not_depend_on_seed(small_data_dir, tmp_path):
+    one = cm.prepare_data(small_config(small_data_dir, tmp_path, seed=1))
+    two = cm.prepare_data(small_config(small_data_dir, tmp_path, seed=2))
+    np.testing.assert_array_equal(one["x_eval"], two["x_eval"])
+
+
+def test_every_use_of_randomness_has_its_own_key():
+    keys = {tuple(cm.random_key(7, stream, index)) for stream in range(6) for index in range(50)}
+    assert len(keys) == 300
+    order = cm.random_generator(7, cm.STREAM_ORDER, 1).standard_normal(5)
+    grid = cm.random_generator(7, cm.STREAM_FIGURES, 1).standard_normal(5)
+    assert not np.allclose(order, grid)
