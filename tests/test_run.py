@@ -276,3 +276,27 @@ def test_every_use_of_randomness_has_its_own_key():
     order = cm.random_generator(7, cm.STREAM_ORDER, 1).standard_normal(5)
     grid = cm.random_generator(7, cm.STREAM_FIGURES, 1).standard_normal(5)
     assert not np.allclose(order, grid)
+
+
+class FakeTerminal(io.StringIO):
+    def __init__(self, tty):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self):
+        return self.tty
+
+
+def test_progress_updates_one_line_on_a_terminal_and_nothing_in_a_file():
+    for tty in (True, False):
+        stream = FakeTerminal(tty)
+        progress = cm.Progress(stream)
+        progress.show(">> pass: 500/10,000")
+        progress.show(">> pass: 1,000/10,000")
+        progress.clear()
+        if tty:
+            assert "\n" not in stream.getvalue()                 # rewritten in place
+            assert stream.getvalue().startswith("\r>> pass: 500/10,000\r>> pass: 1,000")
+            assert stream.getvalue().endswith("\r")
+        else:
+            assert stream.getvalue() == ""
