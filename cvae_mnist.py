@@ -878,27 +878,51 @@ class Interrupted(UserError):
 
 
 def validate_config(cfg):
-    """Raises UserError naming the first bad setting, before any work starts."""
+    """Raises UserError naming the first bad setting, before any work starts. Every
+    setting is checked for its type as well as its range: a wrong type would not fail
+    here but later, as a traceback (SEED = "abc") or silently ("False" is true)."""
+    for name in ["analytic_kl", "output_bias_init", "softplus_scale", "download", "resume"]:
+        value = getattr(cfg, name)
+        if not isinstance(value, bool):
+            raise UserError(f"{name.upper()} = {value!r}: it must be True or False")
+    for name in ["data_dir", "results_dir"]:
+        value = getattr(cfg, name)
+        if not isinstance(value, str) or not value:
+            raise UserError(f"{name.upper()} = {value!r}: it must be a folder name in quotes")
+    # SEED keys numpy's generators (which refuse negative seeds) and TensorFlow's
+    # stateless ones (int32)
+    if not _whole(cfg.seed) or not 0 <= cfg.seed < 2 ** 31:
+        raise UserError(f"SEED = {cfg.seed!r}: it must be a whole number in 0..{2 ** 31 - 1}")
     positive = ["epochs", "batch_size", "z_dim", "hidden_units", "train_samples", "ema_every",
                 "save_freq", "samples_per_class", "test_freq", "ll_samples",
                 "ll_samples_interim", "test_batch_size", "keep_checkpoints", "train_split"]
     for name in positive:
         value = getattr(cfg, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not _whole(value) or value < 1:
             raise UserError(f"{name.upper()} = {value!r}: it must be a whole number >= 1")
-    if not (isinstance(cfg.learning_rate, (int, float)) and cfg.learning_rate > 0
+    if not (_number(cfg.learning_rate) and cfg.learning_rate > 0
             and math.isfinite(cfg.learning_rate)):
         raise UserError(f"LEARNING_RATE = {cfg.learning_rate!r}: it must be a number > 0")
-    if not (isinstance(cfg.ema_decay, (int, float)) and 0 <= cfg.ema_decay < 1):
+    if not (_number(cfg.ema_decay) and 0 <= cfg.ema_decay < 1):
         raise UserError(f"EMA_DECAY = {cfg.ema_decay!r}: it must be in [0, 1) (0 = off)")
     if cfg.train_split > cfg.batch_size:
         raise UserError(f"TRAIN_SPLIT = {cfg.train_split}: it must be at most "
                         f"BATCH_SIZE = {cfg.batch_size}")
     for name in ["threads", "train_limit", "test_limit"]:
         value = getattr(cfg, name)
-        if not isinstance(value, int) or value < 0:
+        if not _whole(value) or value < 0:
             raise UserError(f"{name.upper()} = {value!r}: it must be a whole number >= 0")
     _check_writable(cfg.results_dir)
+
+
+def _whole(value):
+    """A whole number as a setting: an int but not a bool (True is an int in Python)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value):
+    """A number as a setting: int or float, not bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_writable(directory):
