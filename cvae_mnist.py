@@ -26,6 +26,7 @@ log p(x|y) ~= log 1/K sum_k p(x|z_k,y) p(z_k) / q(z_k|x,y), z_k ~ q(z|x,y)
 Run ``python cvae_mnist.py``; change behaviour by editing the constants below.
 """
 import collections
+import contextlib
 import csv
 import dataclasses
 import functools
@@ -587,17 +588,40 @@ def append_metrics(path, row):
 
 
 def _atomic_write(path, data):
-    """Writes bytes to `path` via a temporary file, so a crash never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
+    """Writes bytes to `path` via a temporary file, so a crash never leaves half a file.
+    A failure raises OSError naming `path` (not the temporary file)."""
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
         with os.fdopen(fd, "wb") as f:
+            # mkstemp makes the file private (0600) and the rename keeps that mode:
+            # give it the mode the umask gives any new file, so others can read results
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
+    except BaseException as err:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise OSError(err.errno, err.strerror, path) from None
         raise
+
+
+def _umask():
+    """The process's umask. Linux shows it in /proc/self/status; elsewhere the only way
+    to read it is to set it, which leaves a moment in which another thread's new file
+    would get the value set, so the value set meanwhile is the strictest one."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 def start_fresh(cfg):

@@ -1,12 +1,16 @@
 """Nothing lost, nothing hidden: bad constants, failed writes, a second run on the same
 folder, SIGTERM, file modes, fresh starts and the messages that say what is saved."""
 import dataclasses
+import os
 import re
+import stat
+import subprocess
+import sys
 
 import pytest
 
 import cvae_mnist as cm
-from conftest import small_config
+from conftest import ROOT, small_config
 
 
 @pytest.mark.parametrize("change, words", [
@@ -45,3 +49,28 @@ def test_every_setting_has_its_type_checked(tmp_path, field):
 def test_good_settings_pass(tmp_path):
     cm.validate_config(dataclasses.replace(cm.Config(), results_dir=str(tmp_path), seed=0,
                                            learning_rate=1, ema_decay=0))
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)],
+                         ids=["022", "027", "077"])
+def test_written_files_get_the_mode_the_umask_gives(tmp_path, umask, mode):
+    """Atomic writes go through a private (0600) temporary file; the result must not
+    keep that mode. A fresh process, so the umask set is its own."""
+    code = ("import os, sys, numpy as np, cvae_mnist as c; os.umask(int(sys.argv[2], 8)); "
+            "d = sys.argv[1]; c.save_png(np.zeros((4, 4), np.uint8), os.path.join(d, 'a.png')); "
+            "c.append_metrics(os.path.join(d, 'metrics.csv'), dict(epoch=1, seconds=1, "
+            "train_elbo=-1, train_recon=-1, train_kl=0)); "
+            "c._atomic_write(os.path.join(d, 'metrics.csv'), b'epoch\\n')")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path), f"{umask:o}"], cwd=ROOT, check=True)
+    assert sorted(os.listdir(tmp_path)) == ["a.png", "metrics.csv"]
+    for name in ["a.png", "metrics.csv"]:
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == mode, name
+
+
+def test_umask_is_read_without_changing_it():
+    before = os.umask(0o022)
+    try:
+        assert cm._umask() == 0o022
+        assert os.umask(0o022) == 0o022
+    finally:
+        os.umask(before)
