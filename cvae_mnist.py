@@ -38,7 +38,9 @@ import io
 import math
 import os
 import pickle
+import re
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -579,12 +581,20 @@ def _metrics_text(rows, header=True):
 
 
 def append_metrics(path, row):
-    """Appends one epoch's row (and the header to a new file), synced to disk."""
-    text = _metrics_text([row], header=not os.path.exists(path))
-    with open(path, "a") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    """Appends one epoch's row (and the header to a new file), synced to disk. A
+    failure raises OSError naming `path` and leaves the file as it was."""
+    data = memoryview(_metrics_text([row], header=not os.path.exists(path)).encode())
+    with open(path, "ab", buffering=0) as f:
+        start = f.seek(0, os.SEEK_END)
+        try:
+            while data:
+                data = data[f.write(data):]
+            os.fsync(f.fileno())
+        except OSError as err:
+            # a full disk can take half a row: cut it off, so that a resume reads whole rows
+            with contextlib.suppress(OSError):
+                f.truncate(start)
+            raise OSError(err.errno, err.strerror, path) from None
 
 
 def _atomic_write(path, data):
@@ -681,10 +691,91 @@ def restore_or_init(sess, g, cfg):
 def save_checkpoint(sess, g, cfg, epoch):
     """Writes the end-of-epoch checkpoint. The `checkpoint` index file is replaced
     atomically after the data files are complete, so a crash while saving leaves
-    the previous checkpoint as the latest."""
+    the previous checkpoint as the latest. A failed write raises OSError."""
     sess.run(g.set_epoch, {g.epoch_in: epoch})
-    g.saver.save(sess, os.path.join(_paths(cfg)["ckpt"], "ckpt"), global_step=epoch,
-                 write_meta_graph=False)
+    os.makedirs(_paths(cfg)["ckpt"], exist_ok=True)  # the Saver makes one level, not two
+    with _tf_writes(_paths(cfg)["ckpt"]):
+        g.saver.save(sess, os.path.join(_paths(cfg)["ckpt"], "ckpt"), global_step=epoch,
+                     write_meta_graph=False)
+
+
+@contextlib.contextmanager
+def _tf_writes(path):
+    """Turns TensorFlow's error for a failed write into the OSError every other write
+    raises, naming `path`. TensorFlow reports a full disk as ResourceExhaustedError
+    and other causes as Unknown-, FailedPrecondition-, NotFoundError..., with the
+    cause after the file name on one line of a long message."""
+    try:
+        yield
+    except tf.errors.OpError as err:
+        causes = [line.rsplit("; ", 1)[1] for line in err.message.splitlines() if "; " in line]
+        raise OSError(None, (causes or [type(err).__name__])[0].strip(), path) from None
+
+
+class _EventsFile:
+    """TensorBoard's events file, written in the calling thread, so that a failed write
+    raises OSError naming the file as every other write does. (tf.summary.FileWriter
+    writes from a thread of its own and, on a full disk, drops events without a word.)"""
+
+    def __init__(self, directory):
+        stem = os.path.join(directory, f"events.out.tfevents.{int(time.time()):010d}."
+                                       f"{socket.gethostname()}.{os.getpid()}")
+        self.path, n = stem, 0
+        while os.path.exists(self.path):      # a second run of this process within a second
+            n += 1
+            self.path = f"{stem}.{n}"
+        with _tf_writes(self.path):
+            self._records = tf.io.TFRecordWriter(self.path)
+        self._add(tf.Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+    def _add(self, event):
+        with _tf_writes(self.path):
+            self._records.write(event.SerializeToString())
+
+    def add_summary(self, summary, step):
+        self._add(tf.Event(wall_time=time.time(), step=step, summary=summary))
+
+    def flush(self):
+        with _tf_writes(self.path):
+            self._records.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, failure, *_):
+        try:
+            with _tf_writes(self.path):
+                self._records.close()
+        except OSError:
+            if failure is None:      # else the first failure is the one to report
+                raise
+
+
+def _saved_epochs(cfg):
+    """The last epoch whose checkpoint is in RESULTS_DIR (0 for none), read from the
+    checkpoint index without TensorFlow (a Ctrl-C may come before it is imported)."""
+    try:
+        with open(os.path.join(_paths(cfg)["ckpt"], "checkpoint")) as f:
+            found = re.search(r'^model_checkpoint_path: ".*-(\d+)"$', f.read(), re.M)
+    except (OSError, UnicodeDecodeError):
+        return 0
+    return int(found.group(1)) if found else 0
+
+
+def _write_failed(cfg, err):
+    """The one line for a file that could not be written (a full disk, a lost
+    permission): which file, why, and which epochs are safe to resume from."""
+    saved, where = _saved_epochs(cfg), _shown(cfg.results_dir)
+    return UserError(
+        f"could not write {_shown(err.filename or cfg.results_dir)} ({err.strerror or err}); "
+        + (f"epochs 1..{saved} are saved in {where}/: fix that and run again to resume"
+           if saved else f"no epoch is saved in {where}/ yet: fix that and run again"))
+
+
+def _shown(path):
+    """A file or folder as messages name it: absolute, because DATA_DIR and RESULTS_DIR
+    are taken from the working folder, which may not be the script's."""
+    return os.path.abspath(path)
 
 
 # ----------------------------------------------------------------------------
@@ -1009,7 +1100,10 @@ def main(cfg=Config()):
     g = build_graph(cfg, data["x_train"].mean(0))
     with tf.Session(graph=g.graph, config=session_config(cfg)) as sess:
         sess.run(g.load_data, {g.x_data: data["x_train"], g.y_data: data["y_train"]})
-        done = restore_or_init(sess, g, cfg)
+        try:
+            done = restore_or_init(sess, g, cfg)
+        except OSError as err:  # removing an earlier run's files, or trimming metrics.csv
+            raise _write_failed(cfg, err) from None
         if done >= cfg.epochs:
             print(f"{cfg.results_dir}/ already holds a finished run of {done} epochs. "
                   "Raise EPOCHS to train on, or set RESUME = False to start again.")
@@ -1019,11 +1113,13 @@ def main(cfg=Config()):
               f"{done + 1}..{cfg.epochs}; results in {cfg.results_dir}/", flush=True)
         epoch = done + 1
         try:
-            with tf.summary.FileWriter(cfg.results_dir) as writer:
+            with _EventsFile(cfg.results_dir) as writer:
                 for epoch in range(done + 1, cfg.epochs + 1):
                     start = time.time()
                     stats = train_epoch(sess, g, cfg, epoch, n)
                     end_of_epoch(sess, g, cfg, epoch, stats, time.time() - start, data, writer)
+        except OSError as err:  # only files are written here: metrics, figures, events, checkpoints
+            raise _write_failed(cfg, err) from None
         except KeyboardInterrupt:
             saved = tf.train.get_checkpoint_state(_paths(cfg)["ckpt"])
             saved = int(saved.model_checkpoint_path.rsplit("-", 1)[1]) if saved else 0

@@ -1,6 +1,9 @@
 """Nothing lost, nothing hidden: bad constants, failed writes, a second run on the same
 folder, SIGTERM, file modes, fresh starts and the messages that say what is saved."""
+import contextlib
 import dataclasses
+import errno
+import io
 import os
 import re
 import stat
@@ -74,3 +77,71 @@ def test_umask_is_read_without_changing_it():
         assert os.umask(0o022) == 0o022
     finally:
         os.umask(before)
+
+
+def run_main(cfg):
+    """main(cfg) with its stdout captured: (metrics rows, printed text)."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rows = cm.main(cfg)
+    return rows, buf.getvalue()
+
+
+def test_failed_write_is_one_line_naming_the_file_and_the_saved_epochs(small_data_dir, tmp_path):
+    """A folder where epoch 2's first figure goes makes its write fail for real (as root
+    too); once it is gone, a rerun resumes from epoch 2."""
+    (tmp_path / "cvae.epoch.2.png").mkdir()
+    with pytest.raises(cm.UserError) as err:
+        run_main(small_config(small_data_dir, tmp_path, epochs=2))
+    assert str(err.value) == (f"could not write {tmp_path}/cvae.epoch.2.png (Is a directory); "
+                              f"epochs 1..1 are saved in {tmp_path}/: fix that and run again "
+                              "to resume")
+    (tmp_path / "cvae.epoch.2.png").rmdir()
+    rows, out = run_main(small_config(small_data_dir, tmp_path, epochs=2))
+    assert "epochs 2..2" in out and [r["epoch"] for r in rows] == [1, 2]
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_full_disk_while_appending_metrics(tmp_path):
+    """/dev/full fails every write with ENOSPC: a real full disk, root or not."""
+    cfg = dataclasses.replace(cm.Config(), results_dir=str(tmp_path))
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "checkpoint").write_text(
+        'model_checkpoint_path: "ckpt-3"\nall_model_checkpoint_paths: "ckpt-3"\n')
+    (tmp_path / "metrics.csv").symlink_to("/dev/full")
+    with pytest.raises(OSError) as err:
+        cm.append_metrics(str(tmp_path / "metrics.csv"),
+                          dict(epoch=4, seconds=1, train_elbo=-1, train_recon=-1, train_kl=0))
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(tmp_path / "metrics.csv")
+    assert str(cm._write_failed(cfg, err.value)) == (
+        f"could not write {tmp_path}/metrics.csv (No space left on device); epochs 1..3 are "
+        f"saved in {tmp_path}/: fix that and run again to resume")
+
+
+def test_failed_checkpoint_write_is_an_oserror_naming_the_folder(tmp_path):
+    """TensorFlow's Saver raises its own errors (here FailedPreconditionError, as
+    UnknownError or ResourceExhaustedError on a full disk): they come out as OSError,
+    and nothing is claimed saved."""
+    cfg = dataclasses.replace(cm.Config(), z_dim=2, hidden_units=8, results_dir=str(tmp_path))
+    (tmp_path / "checkpoints" / "checkpoint").mkdir(parents=True)   # the index cannot be replaced
+    g = cm.build_graph(cfg)
+    with cm.tf.Session(graph=g.graph) as sess:
+        sess.run(g.init)
+        with pytest.raises(OSError) as err:
+            cm.save_checkpoint(sess, g, cfg, 1)
+    assert err.value.filename == str(tmp_path / "checkpoints")
+    assert err.value.strerror == "Is a directory"
+    assert str(cm._write_failed(cfg, err.value)) == (
+        f"could not write {tmp_path}/checkpoints (Is a directory); no epoch is saved in "
+        f"{tmp_path}/ yet: fix that and run again")
+
+
+def test_tensorflow_disk_full_error_becomes_one_short_oserror():
+    message = ("Graph execution error:\n\nDetected at node 'save/SaveV2'\n"
+               "/r/checkpoints/ckpt-2.data-00000-of-00001.tempstate17; No space left on device\n"
+               "\t [[{{node save/SaveV2}}]]\nHint: If you want to see a list of allocated ...")
+    with pytest.raises(OSError) as err:
+        with cm._tf_writes("/r/checkpoints"):
+            raise cm.tf.errors.ResourceExhaustedError(None, None, message)
+    assert (err.value.strerror, err.value.filename) == ("No space left on device", "/r/checkpoints")
