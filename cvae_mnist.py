@@ -29,6 +29,7 @@ import collections
 import contextlib
 import csv
 import dataclasses
+import fcntl
 import functools
 import glob
 import gzip
@@ -558,7 +559,8 @@ def _paths(cfg):
     """Where each record of a run lives."""
     return dict(ckpt=os.path.join(cfg.results_dir, "checkpoints"),
                 metrics=os.path.join(cfg.results_dir, "metrics.csv"),
-                curve=os.path.join(cfg.results_dir, "learning_curve.png"))
+                curve=os.path.join(cfg.results_dir, "learning_curve.png"),
+                lock=os.path.join(cfg.results_dir, ".cvae_mnist.lock"))
 
 
 def read_metrics(path):
@@ -1051,6 +1053,39 @@ def _check_writable(directory):
                         "choose a folder you can write to") from None
 
 
+@contextlib.contextmanager
+def _results_lock(cfg):
+    """Holds RESULTS_DIR for this run: a second run on the same folder stops with one
+    line before it changes anything there. The lock (flock) belongs to the open file,
+    so the kernel drops it when the process ends, however it ends (kill -9 too):
+    there is never a stale lock to remove."""
+    path = _paths(cfg)["lock"]
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as err:
+        raise UserError(f"could not write {_shown(path)} ({err.strerror}), the lock file "
+                        "that keeps two runs out of one RESULTS_DIR") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 20, 0).decode(errors="replace").strip()
+            raise UserError(
+                f"another run{f' (process {owner})' if owner.isdigit() else ''} is using "
+                f"{_shown(cfg.results_dir)}/; wait for it to end, or choose another "
+                "RESULTS_DIR") from None
+        except OSError as err:   # a file system without locks (some network mounts)
+            print(f"warning: could not lock {_shown(path)} ({err.strerror}); make sure no "
+                  f"other run uses {_shown(cfg.results_dir)}/", file=sys.stderr)
+        else:
+            with contextlib.suppress(OSError):   # only a hint for a run that is refused
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)
+
+
 def end_of_epoch(sess, g, cfg, epoch, stats, seconds, data, writer):
     """Logs the epoch, evaluates and draws when due, then records and checkpoints.
     The checkpoint comes last: a crash before it repeats this epoch on resume."""
@@ -1095,6 +1130,12 @@ def main(cfg=Config()):
     """Trains (or resumes), evaluates and draws; returns the rows of metrics.csv.
     Raises UserError for anything the user can fix."""
     validate_config(cfg)
+    with _results_lock(cfg):   # before anything in RESULTS_DIR is written or removed
+        return _main_locked(cfg)
+
+
+def _main_locked(cfg):
+    """main's work, with RESULTS_DIR locked."""
     data = prepare_data(cfg)  # before TensorFlow is imported: bad data fails fast
     tf.get_logger().setLevel("ERROR")  # no deprecation notes from inside the Saver
     g = build_graph(cfg, data["x_train"].mean(0))

@@ -9,6 +9,7 @@ import re
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -63,10 +64,12 @@ def test_written_files_get_the_mode_the_umask_gives(tmp_path, umask, mode):
             "d = sys.argv[1]; c.save_png(np.zeros((4, 4), np.uint8), os.path.join(d, 'a.png')); "
             "c.append_metrics(os.path.join(d, 'metrics.csv'), dict(epoch=1, seconds=1, "
             "train_elbo=-1, train_recon=-1, train_kl=0)); "
-            "c._atomic_write(os.path.join(d, 'metrics.csv'), b'epoch\\n')")
+            "c._atomic_write(os.path.join(d, 'metrics.csv'), b'epoch\\n'); "
+            "import dataclasses; cfg = dataclasses.replace(c.Config(), results_dir=d); "
+            "c._results_lock(cfg).__enter__()")
     subprocess.run([sys.executable, "-c", code, str(tmp_path), f"{umask:o}"], cwd=ROOT, check=True)
-    assert sorted(os.listdir(tmp_path)) == ["a.png", "metrics.csv"]
-    for name in ["a.png", "metrics.csv"]:
+    assert sorted(os.listdir(tmp_path)) == [".cvae_mnist.lock", "a.png", "metrics.csv"]
+    for name in [".cvae_mnist.lock", "a.png", "metrics.csv"]:
         assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == mode, name
 
 
@@ -145,3 +148,41 @@ def test_tensorflow_disk_full_error_becomes_one_short_oserror():
         with cm._tf_writes("/r/checkpoints"):
             raise cm.tf.errors.ResourceExhaustedError(None, None, message)
     assert (err.value.strerror, err.value.filename) == ("No space left on device", "/r/checkpoints")
+
+
+def snapshot(folder):
+    """Every file under `folder`: {relative path: (bytes, mtime_ns)}."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_second_run_on_a_busy_results_dir_is_refused_and_touches_nothing(small_data_dir,
+                                                                         tmp_path):
+    results = tmp_path / "r"
+    (results / "checkpoints").mkdir(parents=True)
+    (results / "checkpoints" / "checkpoint").write_text('model_checkpoint_path: "ckpt-1"\n')
+    (results / "metrics.csv").write_text("epoch,seconds\n1,2\n2,3\n")
+    (results / "cvae.epoch.1.png").write_bytes(b"png")
+    cfg = small_config(small_data_dir, results)
+    # another run, as far as the lock can tell: it holds the lock and wrote its pid
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time; "
+         "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); "
+         "os.write(fd, b'%d\\n' % os.getpid()); print('locked', flush=True); time.sleep(60)",
+         cm._paths(cfg)["lock"]], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        before = snapshot(results)
+        for resume in (True, False):     # RESUME = False would remove the files above
+            start = time.time()
+            with pytest.raises(cm.UserError) as err:
+                cm.main(dataclasses.replace(cfg, resume=resume))
+            assert time.time() - start < 5                     # no data loaded, no TensorFlow
+            assert str(err.value) == (f"another run (process {holder.pid}) is using {results}/; "
+                                      "wait for it to end, or choose another RESULTS_DIR")
+        assert snapshot(results) == before
+    finally:
+        holder.kill()                                          # like kill -9: no clean-up
+        holder.wait()
+    with cm._results_lock(cfg):                                # the kernel let go of it
+        pass
