@@ -41,6 +41,7 @@ import os
 import pickle
 import re
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -994,6 +995,30 @@ class Interrupted(UserError):
     exit_code = 130
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (sent by `timeout`, job schedulers, container stops), raised by cli()'s
+    handler so that it ends a run exactly as Ctrl-C does; the exit code is 143
+    (128 + 15), the code a death by SIGTERM gives, which schedulers recognise."""
+    exit_code = 143
+
+
+def _raise_terminated(signum, frame):
+    """cli()'s SIGTERM handler."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)   # a second one must not cut the clean-up short
+    raise Terminated()
+
+
+def _interrupted(cfg, stop, when=""):
+    """The one line for Ctrl-C or SIGTERM (`stop`), saying which epochs are saved."""
+    saved = _saved_epochs(cfg)
+    how = "stopped by SIGTERM" if isinstance(stop, Terminated) else "interrupted"
+    err = Interrupted(f"{how}{' ' * bool(when)}{when}; " + (
+        f"epochs 1..{saved} are saved in {_shown(cfg.results_dir)}/: run again to resume"
+        if saved else "no epoch had finished, so nothing was saved"))
+    err.exit_code = getattr(stop, "exit_code", Interrupted.exit_code)
+    return err
+
+
 def validate_config(cfg):
     """Raises UserError naming the first bad setting, before any work starts. Every
     setting is checked for its type as well as its range: a wrong type would not fail
@@ -1161,28 +1186,33 @@ def _main_locked(cfg):
                     end_of_epoch(sess, g, cfg, epoch, stats, time.time() - start, data, writer)
         except OSError as err:  # only files are written here: metrics, figures, events, checkpoints
             raise _write_failed(cfg, err) from None
-        except KeyboardInterrupt:
-            saved = tf.train.get_checkpoint_state(_paths(cfg)["ckpt"])
-            saved = int(saved.model_checkpoint_path.rsplit("-", 1)[1]) if saved else 0
-            raise Interrupted(f"interrupted in epoch {epoch}; " + (
-                f"epochs 1..{saved} are saved in {cfg.results_dir}/: run again to resume"
-                if saved else "no epoch had finished, so nothing was saved")) from None
+        except KeyboardInterrupt as stop:   # Ctrl-C, or SIGTERM through cli()'s handler
+            raise _interrupted(cfg, stop, f"in epoch {epoch}") from None
     rows = read_metrics(_paths(cfg)["metrics"])
     summarize(cfg, rows)
     return rows
 
 
 def cli(cfg=Config()):
-    """Entry point: runs main(cfg); one clear line and a non-zero code on failure."""
+    """Entry point: runs main(cfg); one clear line and a non-zero code on failure.
+    SIGTERM ends the run as Ctrl-C does (exit code 143 instead of 130); the handler
+    is installed here, not at import, and the previous one is put back."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:          # not the main thread: signals are not ours to take
+        previous = False
     try:
         main(cfg)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
-    except KeyboardInterrupt:
-        print("interrupted; the last finished epoch is saved: run again to resume",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:   # outside the training loop, which says more
+        err = _interrupted(cfg, stop)
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    finally:
+        if previous is not False:   # None: set outside Python; the default is the best guess
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     return 0
 
 

@@ -6,6 +6,7 @@ import errno
 import io
 import os
 import re
+import signal
 import stat
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 
 import cvae_mnist as cm
 from conftest import ROOT, small_config
+from test_run import cli_command, long_epochs, wait_for_rows
 
 
 @pytest.mark.parametrize("change, words", [
@@ -186,3 +188,31 @@ def test_second_run_on_a_busy_results_dir_is_refused_and_touches_nothing(small_d
         holder.wait()
     with cm._results_lock(cfg):                                # the kernel let go of it
         pass
+
+
+def test_sigterm_stops_like_ctrl_c_with_exit_143_and_resumes(small_data_dir, tmp_path):
+    """What `timeout`, job schedulers and container stops send."""
+    cfg = long_epochs(small_data_dir, tmp_path, 50)
+    proc = subprocess.Popen(cli_command(cfg), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for_rows(tmp_path / "metrics.csv", 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    found = re.fullmatch(rf"error: stopped by SIGTERM in epoch (\d+); epochs 1\.\.(\d+) are "
+                         rf"saved in {re.escape(str(tmp_path))}/: run again to resume", last)
+    assert found, last
+    saved = int(found.group(2))
+    assert saved >= 1 and int(found.group(1)) in (saved, saved + 1)
+    rows, out = run_main(dataclasses.replace(cfg, epochs=saved + 1))
+    assert f"epochs {saved + 1}..{saved + 1}" in out
+    assert [r["epoch"] for r in rows] == list(range(1, saved + 2))
+
+
+def test_sigterm_handler_is_installed_by_cli_only_and_put_back(small_data_dir, tmp_path):
+    assert signal.getsignal(signal.SIGTERM) is not cm._raise_terminated   # not at import
+    before = signal.getsignal(signal.SIGTERM)
+    assert cm.cli(small_config(small_data_dir, tmp_path, epochs=0)) == 1
+    assert signal.getsignal(signal.SIGTERM) is before
