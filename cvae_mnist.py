@@ -638,12 +638,17 @@ def _umask():
 
 
 def start_fresh(cfg):
-    """Removes the records of an earlier run in RESULTS_DIR (checkpoints, metrics,
-    TensorBoard events); its PNGs are overwritten as new ones are written."""
-    paths = _paths(cfg)
-    shutil.rmtree(paths["ckpt"], ignore_errors=True)
-    for path in glob.glob(os.path.join(cfg.results_dir, "events.out.*")) + [paths["metrics"]]:
-        if os.path.exists(path):
+    """Removes every file an earlier run wrote in RESULTS_DIR: checkpoints, metrics,
+    TensorBoard events, figures, the learning curve and any temporary file a kill
+    left. They are known by the names this script gives them, so that files of the
+    user's own there stay (as does the lock, which this run holds)."""
+    own = re.compile(r"(cvae|style|style_prior|recon|interp)\.epoch\.\d+\.png"
+                     r"|learning_curve\.png|metrics\.csv|events\.out\..+"
+                     r"|\.tmp-[a-z0-9_]{8}")   # _atomic_write's temporary files
+    shutil.rmtree(_paths(cfg)["ckpt"], ignore_errors=True)
+    for name in os.listdir(cfg.results_dir):
+        path = os.path.join(cfg.results_dir, name)
+        if own.fullmatch(name) and (os.path.islink(path) or not os.path.isdir(path)):
             os.remove(path)
 
 

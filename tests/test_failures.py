@@ -6,6 +6,7 @@ import errno
 import io
 import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -216,3 +217,33 @@ def test_sigterm_handler_is_installed_by_cli_only_and_put_back(small_data_dir, t
     before = signal.getsignal(signal.SIGTERM)
     assert cm.cli(small_config(small_data_dir, tmp_path, epochs=0)) == 1
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_resume_false_removes_every_file_of_the_earlier_run_and_only_those(small_data_dir,
+                                                                            tmp_path):
+    earlier, fresh = tmp_path / "earlier", tmp_path / "fresh"
+    run_main(small_config(small_data_dir, earlier, epochs=2))
+    # every file a run writes is one start_fresh knows (a new kind of file must be added there)
+    shutil.copytree(earlier, fresh)
+    cm.start_fresh(small_config(small_data_dir, fresh))
+    assert os.listdir(fresh) == [".cvae_mnist.lock"]
+    # and RESUME = False through main: nothing of the earlier run is left beside the new one
+    mine = ["notes.txt", "cvae.png", "cvae.epoch.2.png.bak", "old_metrics.csv", "events.txt"]
+    for name in mine:
+        (earlier / name).write_text("mine")
+    (earlier / "cvae.epoch.9.png").mkdir()         # a folder of the user's, whatever its name
+    (earlier / ".tmp-abcd1234").write_bytes(b"half a figure")      # left by a kill
+    old = set(os.listdir(earlier))
+    rows, out = run_main(small_config(small_data_dir, earlier, epochs=1, resume=False, seed=7,
+                                      save_freq=5))
+    new = set(os.listdir(earlier))
+    assert [r["epoch"] for r in rows] == [1] and "epochs 1..1" in out
+    rewritten = [".cvae_mnist.lock", "checkpoints", "metrics.csv", "learning_curve.png"] + [
+        f"{name}.epoch.1.png" for name in ["cvae", "style", "style_prior", "recon", "interp"]]
+    assert old & new == set(mine + rewritten + ["cvae.epoch.9.png"])
+    assert not [n for n in new if n.endswith(".epoch.2.png") or n.startswith(".tmp-")]
+    assert len(list(earlier.glob("events.out.*"))) == 1
+    assert os.listdir(earlier / "checkpoints") and not list(earlier.glob("checkpoints/ckpt-2*"))
+    for name in mine:
+        assert (earlier / name).read_text() == "mine"
+    assert (earlier / "cvae.epoch.9.png").is_dir()
