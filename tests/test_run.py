@@ -159,7 +159,12 @@ def test_bad_data_fails_fast_with_exactly_one_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ") and "web page" in lines[0]
 
 
-def test_nan_stops_with_epoch_and_step_and_keeps_checkpoint(mnist):
+@pytest.mark.parametrize("epoch, message", [
+    (2, r"the loss became nan at epoch 2, step 1/4; training stopped and the checkpoint of "
+        r"epoch 1 in .* is kept\. Lower LEARNING_RATE and run again to resume"),
+    (1, r"the loss became nan at epoch 1, step 1/4; training stopped before any epoch was "
+        r"saved\. Lower LEARNING_RATE and run again")])
+def test_nan_stops_with_epoch_and_step_and_says_what_is_saved(mnist, epoch, message):
     cfg = dataclasses.replace(cm.Config(), z_dim=4, hidden_units=32)
     g = cm.build_graph(cfg)
     with g.graph.as_default():
@@ -168,10 +173,11 @@ def test_nan_stops_with_epoch_and_step_and_keeps_checkpoint(mnist):
     with cm.tf.Session(graph=g.graph) as sess:
         sess.run(g.init)
         sess.run(g.load_data, {g.x_data: mnist["x_train"][:512], g.y_data: mnist["y_train"][:512]})
-        cm.train_epoch(sess, g, cfg, 1, 512)
+        for before in range(1, epoch):
+            cm.train_epoch(sess, g, cfg, before, 512)
         sess.run(poison)
-        with pytest.raises(cm.UserError, match=r"at epoch 2, step 1/4.*checkpoint of epoch 1"):
-            cm.train_epoch(sess, g, cfg, 2, 512)
+        with pytest.raises(cm.UserError, match=f"^{message}$"):
+            cm.train_epoch(sess, g, cfg, epoch, 512)
 
 
 def wait_for_rows(path, n, proc, timeout=120):
