@@ -467,13 +467,13 @@ def label_mixture(sess, g, cfg, x, y, log_px_y, log_prior, progress=None):
     n, labels = len(x), np.arange(N_CLASSES)
     cheap, _ = importance_sampled(sess, g, cfg, np.repeat(x, N_CLASSES, 0), np.tile(labels, n),
                                   cfg.mixture_samples, STREAM_MIXTURE, progress,
-                                  "log p(x|y') for every label y', cheap pass (digits x labels)")
+                                  "label mixture, cheap pass, (digit, label) pairs")
     score = log_prior + cheap.reshape(n, N_CLASSES)
     refine = score >= score.max(1, keepdims=True) - cfg.mixture_margin
     refine[np.arange(n), y] = False                      # the true label has its estimate
     digit, label = np.nonzero(refine)
     full, _ = importance_sampled(sess, g, cfg, x[digit], label, cfg.ll_samples,
-                                 STREAM_REFINE, progress, "log p(x|y') for the close labels")
+                                 STREAM_REFINE, progress, "label mixture, close (digit, label) pairs")
     log_px_all = cheap.reshape(n, N_CLASSES)
     log_px_all[digit, label] = full
     log_px_all[np.arange(n), y] = log_px_y
@@ -498,7 +498,7 @@ def evaluate(sess, g, cfg, x, y, n_samples, log_prior=None):
     of metrics.csv fields."""
     progress = Progress()
     log_px, bound = importance_sampled(sess, g, cfg, x, y, n_samples, STREAM_EVAL, progress,
-                                       "importance sampling (digits)")
+                                       "importance sampling, digits")
     out = dict(eval_elbo=bound.mean(), active_units=active_units(sess, g, x, y),
                ll_samples=n_samples)
     out["eval_log_px_y" if cfg.conditional else "eval_log_px"] = log_px.mean()
