@@ -72,8 +72,6 @@ HIDDEN_UNITS = 500       # ReLU units in each of the two hidden layers of both M
 LEARNING_RATE = 1e-3     # Adam step size
 TRAIN_SAMPLES = 1        # z samples per digit in the SGVB estimate of the ELBO
 ANALYTIC_KL = True       # closed-form KL(q||p); False = Monte-Carlo KL at the same z (ZhuSuan's sgvb)
-OUTPUT_BIAS_INIT = True  # start the decoder's output bias at logit(mean pixel)
-SOFTPLUS_SCALE = True    # sigma = softplus(scale head); False = exp(log-std head)
 EMA_DECAY = 0.999        # evaluate and draw with weights averaged at this decay per step; 0 = off
 EMA_EVERY = 10           # update that average every this many steps (a tenth of the cost)
 SAVE_FREQ = 10           # write the figures every this many epochs (and after the last)
@@ -114,8 +112,6 @@ class Config:
     learning_rate: float = LEARNING_RATE
     train_samples: int = TRAIN_SAMPLES
     analytic_kl: bool = ANALYTIC_KL
-    output_bias_init: bool = OUTPUT_BIAS_INIT
-    softplus_scale: bool = SOFTPLUS_SCALE
     ema_decay: float = EMA_DECAY
     ema_every: int = EMA_EVERY
     save_freq: int = SAVE_FREQ
@@ -151,11 +147,12 @@ VALIDATION_SIZE = 10000                # digits held out by VALIDATION = True, t
 # ----------------------------------------------------------------------------
 # The model: prior, networks, q and p, the bound, the importance-sampled likelihood
 # ----------------------------------------------------------------------------
-def _dense(h, units, name, activation=None, bias_init=0.0):
-    """h [N, D] -> [N, units]; variables created once in the enclosing scope."""
+def _dense(h, units, name, activation=None):
+    """h [N, D] -> [N, units]; variables created once in the enclosing scope, with
+    Glorot-uniform weights and zero biases (tf.layers.dense's defaults, the seed's)."""
     w = tf.get_variable(f"{name}/w", [h.shape[-1], units],
                         initializer=tf.glorot_uniform_initializer())
-    b = tf.get_variable(f"{name}/b", [units], initializer=tf.constant_initializer(bias_init))
+    b = tf.get_variable(f"{name}/b", [units], initializer=tf.zeros_initializer())
     out = tf.nn.bias_add(tf.matmul(h, w), b)
     return activation(out) if activation else out
 
@@ -184,24 +181,19 @@ def encoder(x, y, cfg):
         h = _mlp(_with_label(x, y, cfg), cfg)
         # one layer for both heads: one multiply of width 2Z instead of two of width Z
         mean, raw = tf.split(_dense(h, 2 * cfg.z_dim, "mean_scale"), 2, axis=-1)
-    # exp(log-std) grows exponentially with the head's output, so one large step can
-    # blow sigma up; softplus grows linearly for large inputs and behaves like exp
-    # for small ones, and the 1e-6 floor keeps log q finite.
-    scale = tf.nn.softplus(raw) + 1e-6 if cfg.softplus_scale else tf.exp(raw)
-    return tfd.Independent(tfd.Normal(mean, scale), 1)
+    # the head gives log sigma, as in the seed (a softplus scale measured no gain)
+    return tfd.Independent(tfd.Normal(mean, tf.exp(raw)), 1)
 
 
-def decoder(z, y, cfg, output_bias=0.0):
+def decoder(z, y, cfg):
     """p(x|z,y), or p(x|z) for the VAE: z [..., Z], y [B] broadcast over the leading
-    axes -> Bernoulli, batch [...], event [784]. output_bias only matters on the
-    first call, which creates the variables; later calls reuse the trained ones."""
+    axes -> Bernoulli, batch [...], event [784]."""
     lead = tf.shape(z)[:-1]
     h = tf.reshape(z, [-1, cfg.z_dim])
     if cfg.conditional:
         y = tf.reshape(tf.broadcast_to(y, lead), [-1])
     with tf.variable_scope("decoder", reuse=tf.AUTO_REUSE):
-        logits = _dense(_mlp(_with_label(h, y, cfg), cfg), X_DIM, "logits",
-                        bias_init=output_bias)
+        logits = _dense(_mlp(_with_label(h, y, cfg), cfg), X_DIM, "logits")
     logits = tf.reshape(logits, tf.concat([lead, [X_DIM]], 0))
     return tfd.Independent(tfd.Bernoulli(logits=logits, dtype=tf.float32), 1)
 
@@ -218,7 +210,7 @@ def binary_log_likelihood(logits, x):
     return -tf.reduce_sum(tf.nn.softplus((1 - 2 * x) * logits), -1)
 
 
-def elbo(x, y, cfg, eps, output_bias=0.0):
+def elbo(x, y, cfg, eps):
     """SGVB terms for x [B, 784], y [B] and standard normal noise eps [K, B, Z]:
     returns (elbo, recon, kl), each [B].
 
@@ -231,7 +223,7 @@ def elbo(x, y, cfg, eps, output_bias=0.0):
     # The reparameterization trick: z is a differentiable function of mu and sigma,
     # and all the randomness is in eps.
     z = q.distribution.loc + q.distribution.scale * eps               # [K, B, Z]
-    logits = decoder(z, y, cfg, output_bias).distribution.logits      # [K, B, 784]
+    logits = decoder(z, y, cfg).distribution.logits                   # [K, B, 784]
     recon = tf.reduce_mean(binary_log_likelihood(logits, x), 0)
     if cfg.analytic_kl:
         kl = tfd.kl_divergence(q, prior(cfg))
@@ -323,16 +315,8 @@ def _training_data(cfg):
     return x_data, y_data, order, train_key, batch_in_epoch, prepare, x, y, eps
 
 
-def build_graph(cfg, pixel_mean=None):
-    """Builds training, evaluation and generation ops in a fresh tf.Graph.
-
-    pixel_mean [784] (mean training pixel) sets the initial output bias to its logit
-    when cfg.output_bias_init.
-    """
-    bias = 0.0
-    if cfg.output_bias_init and pixel_mean is not None:
-        p = np.clip(pixel_mean, 1e-3, 1 - 1e-3)
-        bias = np.log(p / (1 - p)).astype(np.float32)
+def build_graph(cfg):
+    """Builds training, evaluation and generation ops in a fresh tf.Graph."""
     graph = tf.Graph()
     with graph.as_default():
         tf.set_random_seed(cfg.seed)  # initial weights; all other draws are stateless
@@ -341,7 +325,7 @@ def build_graph(cfg, pixel_mean=None):
         epoch_in = tf.placeholder(tf.int64, [], "epoch_in")
         x_data, y_data, order, train_key, batch_in_epoch, prepare, x, labels, eps = \
             _training_data(cfg)
-        bound, recon, kl = elbo(x, labels, cfg, eps, bias)
+        bound, recon, kl = elbo(x, labels, cfg, eps)
         stats = tf.stack([tf.reduce_mean(bound), tf.reduce_mean(recon), tf.reduce_mean(kl)])
         train_op, average_op, getter = _optimizer(-stats[0], step, cfg)
         x_in = tf.placeholder(tf.float32, [None, X_DIM], "x_in")
@@ -714,8 +698,8 @@ METRIC_FIELDS = ["epoch", "seconds", "train_elbo", "train_recon", "train_kl", "e
                  "eval_elbo", "eval_log_px_y", "eval_log_px", "eval_accuracy", "active_units",
                  "ll_samples", "eval_seconds"]
 # The settings that make a checkpoint's model what it is; a resumed run must match them.
-MODEL_SETTINGS = ["conditional", "z_dim", "hidden_units", "softplus_scale", "ema_decay",
-                  "ema_every", "validation"]
+MODEL_SETTINGS = ["conditional", "z_dim", "hidden_units", "ema_decay", "ema_every",
+                  "validation"]
 
 
 def _paths(cfg):
@@ -1239,8 +1223,7 @@ def validate_config(cfg):
     """Raises UserError naming the first bad setting, before any work starts. Every
     setting is checked for its type as well as its range: a wrong type would not fail
     here but later, as a traceback (SEED = "abc") or silently ("False" is true)."""
-    for name in ["conditional", "analytic_kl", "output_bias_init", "softplus_scale", "download",
-                 "resume", "validation"]:
+    for name in ["conditional", "analytic_kl", "download", "resume", "validation"]:
         value = getattr(cfg, name)
         if not isinstance(value, bool):
             raise UserError(f"{name.upper()} = {value!r}: it must be True or False")
@@ -1410,7 +1393,7 @@ def _main_locked(cfg):
     """main's work, with RESULTS_DIR locked."""
     data = prepare_data(cfg)  # before TensorFlow is imported: bad data fails fast
     tf.get_logger().setLevel("ERROR")  # no deprecation notes from inside the Saver
-    g = build_graph(cfg, data["x_train"].mean(0))
+    g = build_graph(cfg)
     with tf.Session(graph=g.graph, config=session_config(cfg)) as sess:
         sess.run(g.load_data, {g.x_data: data["x_train"], g.y_data: data["y_train"]})
         try:

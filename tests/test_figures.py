@@ -40,7 +40,7 @@ def test_grid_png_of_ten_columns_is_302_square(tmp_path):
 @pytest.fixture(scope="module")
 def model(mnist):
     cfg = dataclasses.replace(cm.Config(), z_dim=4, hidden_units=32, samples_per_class=3)
-    g = cm.build_graph(cfg, mnist["x_train"].mean(0))
+    g = cm.build_graph(cfg)
     sess = cm.tf.Session(graph=g.graph)
     sess.run(g.init)
     x, y = cm.binarize(mnist["x_test"][:300], 0), mnist["y_test"][:300]
