@@ -641,7 +641,8 @@ def draw_learning_curve(rows, path, cfg):
         y = at(x_lo, v)[1]
         draw.line([(left, y), (width - right, y)], fill=(225, 225, 225))
         draw.text((4, y - 6), f"{v:.{0 if step >= 1 else 1}f}", fill="black")
-    for e in np.unique(np.linspace(x_lo, x_hi, min(11, int(x_hi - x_lo) + 1)).round()):
+    epoch_ticks, _ = _nice_ticks(x_lo, x_hi, 10)
+    for e in np.unique(np.concatenate([[x_lo], np.maximum(epoch_ticks.round(), x_lo)])):
         x = at(e, y_lo)[0]
         draw.line([(x, height - bottom), (x, height - bottom + 4)], fill="black")
         draw.text((x - 6, height - bottom + 6), f"{int(e)}", fill="black")
@@ -657,11 +658,14 @@ def draw_learning_curve(rows, path, cfg):
         pts = [at(*p) for p in points[key]]
         if len(pts) > 1:
             draw.line(pts, fill=color, width=2)
+        labelled = -math.inf                              # x of the last clipped value shown
         for (x, y), (_, value) in zip(pts, points[key]):
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
             if value < y_lo:                              # clipped: say where it really is
                 draw.polygon([(x - 5, y + 2), (x + 5, y + 2), (x, y + 8)], fill=color)
-                draw.text((x + 7, y - 12), f"{value:.0f}", fill=color)
+                if x - labelled > 40:                     # labels side by side, not on top
+                    draw.text((x + 5, y - 14), f"{value:.0f}", fill=color)
+                    labelled = x
         ly = box[1] + 12 + 16 * i
         draw.line([(box[0] + 8, ly), (box[0] + 32, ly)], fill=color, width=3)
         draw.text((box[0] + 38, ly - 6), label, fill="black")
