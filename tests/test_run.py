@@ -215,8 +215,11 @@ def test_killed_run_resumes_without_lost_or_repeated_epochs(small_data_dir, tmp_
 
 
 def test_ctrl_c_exits_cleanly_with_one_line(small_data_dir, tmp_path):
+    # a shell starts background jobs with SIGINT ignored, and Python then keeps it
+    # ignored: give the run the default a terminal gives, wherever the tests run
     proc = subprocess.Popen(cli_command(long_epochs(small_data_dir, tmp_path, 50)), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for_rows(tmp_path / "metrics.csv", 2, proc)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
