@@ -444,10 +444,10 @@ def label_mixture(sess, g, cfg, x, y, log_px_y, log_prior, progress=None):
 
     Every label needs its own importance-sampled pass, since q depends on y. A cheap
     pass with MIXTURE_SAMPLES samples scores all ten; then only the labels within
-    MIXTURE_MARGIN nats of a digit's best score get the full LL_SAMPLES. A label
-    further down carries less than exp(-MIXTURE_MARGIN) of the best one's mass, so
-    its cheap (lower) estimate changes log p(x) by less than 10 exp(-MARGIN) nats
-    (README, "The label mixture")."""
+    MIXTURE_MARGIN nats of a digit's best score get the full LL_SAMPLES. Were the
+    cheap estimates exact, a label further down would carry less than
+    exp(-MIXTURE_MARGIN) of the best one's mass; they are low by a few nats where q
+    is a poor proposal, hence a wide margin (measured in README, "The label mixture")."""
     n, labels = len(x), np.arange(N_CLASSES)
     cheap, _ = importance_sampled(sess, g, cfg, np.repeat(x, N_CLASSES, 0), np.tile(labels, n),
                                   cfg.mixture_samples, STREAM_MIXTURE, progress,
@@ -462,8 +462,7 @@ def label_mixture(sess, g, cfg, x, y, log_px_y, log_prior, progress=None):
     log_px_all[digit, label] = full
     log_px_all[np.arange(n), y] = log_px_y
     joint = log_prior + log_px_all
-    top = joint.max(1)
-    return top + np.log(np.exp(joint - top[:, None]).sum(1)), joint.argmax(1)
+    return np.logaddexp.reduce(joint, 1), joint.argmax(1)
 
 
 def active_units(sess, g, x, y, threshold=0.01):
@@ -496,6 +495,16 @@ def evaluate(sess, g, cfg, x, y, n_samples, log_prior=None):
 # ----------------------------------------------------------------------------
 # Figures: one grid writer serves every image
 # ----------------------------------------------------------------------------
+def _model_name(cfg):
+    """'cvae' or 'vae': names the sample grid and the TensorBoard run."""
+    return "cvae" if cfg.conditional else "vae"
+
+
+def _set_name(cfg):
+    """What the evaluation digits are, for figures, logs and tags: 'test' or 'validation'."""
+    return "validation" if cfg.validation else "test"
+
+
 def tile_grid(tiles):
     """tiles [R, C, 784] of pixel intensities in [0, 1] -> uint8 image
     [30R + 2, 30C + 2]: 28x28 tiles, ink bright on dark, 2-pixel gray gutters
@@ -585,7 +594,7 @@ def save_figures(sess, g, cfg, epoch, x, y):
     """Writes every figure for `epoch`, drawn from the evaluation digits x [N, 784]
     with labels y [N]; returns {name: PNG bytes}. The VAE has no label to vary, so
     its figures are the samples, reconstructions and interpolations."""
-    figures = {"cvae" if cfg.conditional else "vae": sample_tiles(sess, g, cfg),
+    figures = {_model_name(cfg): sample_tiles(sess, g, cfg),
                "recon": recon_tiles(sess, g, x, y),
                "interp": interp_tiles(sess, g, x, y)}
     if cfg.conditional:
@@ -618,7 +627,7 @@ def draw_learning_curve(rows, path, cfg):
     """Train ELBO and the evaluation figures against epoch, drawn with Pillow. The
     y range follows the later epochs: the first ones (the ELBO climbs 50 nats in
     epoch 1 alone) are clipped to the bottom edge and marked there with their value."""
-    name = "test" if not cfg.validation else "validation"
+    name = _set_name(cfg)
     series = [("train ELBO", "train_elbo", (31, 119, 180)),
               (f"{name} ELBO", "eval_elbo", (255, 127, 14))]
     series += ([(f"{name} log p(x|y), IS", "eval_log_px_y", (44, 160, 44)),
@@ -675,7 +684,7 @@ def draw_learning_curve(rows, path, cfg):
 def write_summaries(writer, epoch, row, pngs, cfg):
     """The epoch's scalars and figures as TensorBoard summaries (no graph ops), in
     groups: train/..., test/... (or validation/...), time/... and figures/...."""
-    group = "validation" if cfg.validation else "test"
+    group = _set_name(cfg)
     tags = dict(train_elbo="train/elbo", train_recon="train/recon", train_kl="train/kl",
                 eval_elbo=f"{group}/elbo", eval_log_px_y=f"{group}/log_px_given_y",
                 eval_log_px=f"{group}/log_px", eval_accuracy=f"{group}/accuracy",
@@ -713,8 +722,7 @@ def _paths(cfg):
                 metrics=os.path.join(cfg.results_dir, "metrics.csv"),
                 curve=os.path.join(cfg.results_dir, "learning_curve.png"),
                 # a folder per run, so that TensorBoard names the run ("cvae" or "vae")
-                events=os.path.join(cfg.results_dir, "tensorboard",
-                                    "cvae" if cfg.conditional else "vae"),
+                events=os.path.join(cfg.results_dir, "tensorboard", _model_name(cfg)),
                 lock=os.path.join(cfg.results_dir, ".cvae_mnist.lock"))
 
 
@@ -1281,11 +1289,6 @@ def _check_writable(directory):
         raise UserError(f"RESULTS_DIR = {directory!r} ({_shown(directory)}) cannot be "
                         f"written ({err.strerror}); "
                         "choose a folder you can write to") from None
-
-
-def _set_name(cfg):
-    """What the evaluation digits are, for log lines: 'test' or 'validation'."""
-    return "validation" if cfg.validation else "test"
 
 
 def evaluation_lines(cfg, row, n_digits):
