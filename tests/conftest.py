@@ -1,6 +1,8 @@
 """Shared fixtures: real MNIST (fetched once by the project itself) and small configs."""
 import dataclasses
+import gzip
 import os
+import pickle
 import sys
 
 import numpy as np
@@ -20,12 +22,20 @@ def mnist():
 
 @pytest.fixture(scope="session")
 def small_data_dir(mnist, tmp_path_factory):
-    """A data folder holding a real-MNIST subset (1,280 training, 500 test digits) as
-    mnist.npz, so end-to-end runs load in a blink."""
+    """A data folder holding a real-MNIST subset (1,280 training, 500 test digits) as the
+    classic pickle, so end-to-end runs load in a blink."""
     path = tmp_path_factory.mktemp("small_mnist")
-    np.savez(path / "mnist.npz", x_train=mnist["x_train"][:1280], y_train=mnist["y_train"][:1280],
-             x_test=mnist["x_test"][:500], y_test=mnist["y_test"][:500])
+    write_small_pkl(path, mnist, 1280, 500)
     return str(path)
+
+
+def write_small_pkl(folder, mnist, n_train, n_test):
+    """The first n_train training and n_test test digits as folder/mnist.pkl.gz, in the classic
+    pickle's layout (train, valid, test); the valid part is the last ten training digits."""
+    x, y = mnist["x_train"][:n_train], mnist["y_train"][:n_train]
+    with gzip.open(os.path.join(folder, "mnist.pkl.gz"), "wb", compresslevel=1) as f:
+        pickle.dump(((x[:-10], y[:-10]), (x[-10:], y[-10:]),
+                     (mnist["x_test"][:n_test], mnist["y_test"][:n_test])), f, protocol=2)
 
 
 def small_config(data_dir, results_dir, **changes):

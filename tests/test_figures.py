@@ -58,56 +58,63 @@ def encode(model, x, label):
     return cm._encode(sess, g, x[None], [label])[0]
 
 
-def test_sample_grid_row_k_is_digit_k(model):
-    sess, g, cfg = model[:3]
-    tiles = cm.sample_tiles(sess, g, cfg)
-    assert tiles.shape == (10, 3, 784)
-    z = cm.random_generator(cfg.seed, cm.STREAM_FIGURES, 0).standard_normal((30, cfg.z_dim))
-    np.testing.assert_allclose(tiles[7, 2], decode(model, z[7 * 3 + 2], 7), atol=1e-5)
-    np.testing.assert_allclose(tiles[0, 0], decode(model, z[0], 0), atol=1e-5)
-
-
-def test_style_grid_first_column_is_the_input_then_labels_0_to_9(model):
+@pytest.fixture(scope="module")
+def grids(model):
     sess, g, cfg, x, y = model
-    tiles = cm.style_tiles(sess, g, x, y)
-    assert tiles.shape == (10, 11, 784)
+    return cm.digit_grids(sess, g, cfg, x, y)
+
+
+def test_grids_have_ten_rows_and_their_columns(grids):
+    assert {name: tiles.shape for name, tiles in grids.items()} == {
+        "cvae": (10, 3, 784), "recon": (10, 10, 784), "interp": (10, 10, 784),
+        "style": (10, 11, 784), "style_prior": (10, 10, 784)}
+
+
+def test_sample_grid_row_k_is_digit_k(model, grids):
+    cfg = model[2]
+    z = cm.random_generator(cfg.seed, cm.STREAM_FIGURES, 0).standard_normal((30, cfg.z_dim))
+    np.testing.assert_allclose(grids["cvae"][7, 2], decode(model, z[7 * 3 + 2], 7), atol=1e-5)
+    np.testing.assert_allclose(grids["cvae"][0, 0], decode(model, z[0], 0), atol=1e-5)
+
+
+def test_style_grid_first_column_is_the_input_then_labels_0_to_9(model, grids):
+    x, y = model[3:]
     for k in (0, 4, 9):
         i = np.flatnonzero(y == k)[0]
-        np.testing.assert_array_equal(tiles[k, 0], x[i])
+        np.testing.assert_array_equal(grids["style"][k, 0], x[i])
         z = encode(model, x[i], k)
         for label in (0, 6):
-            np.testing.assert_allclose(tiles[k, 1 + label], decode(model, z, label), atol=1e-5)
+            np.testing.assert_allclose(grids["style"][k, 1 + label], decode(model, z, label),
+                                       atol=1e-5)
 
 
-def test_fixed_z_grid_uses_one_z_per_row(model):
-    sess, g, cfg = model[:3]
-    tiles = cm.style_prior_tiles(sess, g, cfg)
-    assert tiles.shape == (10, 10, 784)
+def test_fixed_z_grid_uses_one_z_per_row(model, grids):
+    cfg = model[2]
     z = cm.random_generator(cfg.seed, cm.STREAM_FIGURES, 1).standard_normal((10, cfg.z_dim))
     for r in (0, 5):
         for label in (1, 8):
-            np.testing.assert_allclose(tiles[r, label], decode(model, z[r], label), atol=1e-5)
-    assert not np.allclose(tiles[0, 3], tiles[1, 3])
+            np.testing.assert_allclose(grids["style_prior"][r, label], decode(model, z[r], label),
+                                       atol=1e-5)
+    assert not np.allclose(grids["style_prior"][0, 3], grids["style_prior"][1, 3])
 
 
-def test_reconstruction_grid_alternates_digit_and_reconstruction(model):
-    sess, g, cfg, x, y = model
-    tiles = cm.recon_tiles(sess, g, x, y)
-    assert tiles.shape == (10, 10, 784)
+def test_reconstruction_grid_alternates_digit_and_reconstruction(model, grids):
+    x, y = model[3:]
     i = np.flatnonzero(y == 3)[:5]
-    np.testing.assert_array_equal(tiles[3, 0::2], x[i])
-    np.testing.assert_allclose(tiles[3, 3], decode(model, encode(model, x[i[1]], 3), 3), atol=1e-5)
+    np.testing.assert_array_equal(grids["recon"][3, 0::2], x[i])
+    np.testing.assert_allclose(grids["recon"][3, 3], decode(model, encode(model, x[i[1]], 3), 3),
+                               atol=1e-5)
 
 
-def test_interpolation_grid_runs_from_one_digit_to_another(model):
-    sess, g, cfg, x, y = model
-    tiles = cm.interp_tiles(sess, g, x, y)
-    assert tiles.shape == (10, 10, 784)
+def test_interpolation_grid_runs_from_one_digit_to_another(model, grids):
+    x, y = model[3:]
     a, b = np.flatnonzero(y == 5)[:2]
-    np.testing.assert_array_equal(tiles[5, 0], x[a])
-    np.testing.assert_array_equal(tiles[5, -1], x[b])
-    np.testing.assert_allclose(tiles[5, 1], decode(model, encode(model, x[a], 5), 5), atol=1e-5)
-    np.testing.assert_allclose(tiles[5, -2], decode(model, encode(model, x[b], 5), 5), atol=1e-5)
+    np.testing.assert_array_equal(grids["interp"][5, 0], x[a])
+    np.testing.assert_array_equal(grids["interp"][5, -1], x[b])
+    np.testing.assert_allclose(grids["interp"][5, 1], decode(model, encode(model, x[a], 5), 5),
+                               atol=1e-5)
+    np.testing.assert_allclose(grids["interp"][5, -2], decode(model, encode(model, x[b], 5), 5),
+                               atol=1e-5)
 
 
 def curve_rows():
@@ -146,9 +153,10 @@ def test_vae_figures_are_samples_reconstructions_and_interpolations(mnist, tmp_p
                               results_dir=str(tmp_path))
     g = cm.build_graph(cfg)
     x, y = cm.binarize(mnist["x_test"][:300], 0), mnist["y_test"][:300]
+    data = dict(x_figures=x, y_figures=y, x_eval=x, y_eval=y)
     with cm.tf.Session(graph=g.graph) as sess:
         sess.run(g.init)
-        pngs = cm.save_figures(sess, g, cfg, 3, x, y)
-    assert sorted(pngs) == ["interp", "recon", "vae"]
+        pngs = cm.save_figures(sess, g, cfg, 3, data, {})
+    assert sorted(pngs) == ["interp", "recon", "vae", "vae_latent"]
     assert sorted(p.name for p in tmp_path.iterdir()) == \
-        ["interp.epoch.3.png", "recon.epoch.3.png", "vae.epoch.3.png"]
+        ["interp.epoch.3.png", "recon.epoch.3.png", "vae.epoch.3.png", "vae_latent.epoch.3.png"]

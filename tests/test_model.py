@@ -301,14 +301,15 @@ def test_the_vae_has_no_label_inputs():
 
 def test_label_mixture_and_bayes_classifier_match_quadrature(one_dim_model):
     """log p(x) = logsumexp_y [log p(y) + log p(x|y)] and argmax_y p(y) p(x|y), each
-    p(x|y) exact by quadrature, against the importance-sampled label_mixture."""
+    p(x|y) exact by quadrature, against the importance-sampled label_scores."""
     sess, g, x, y, _ = one_dim_model
     cfg = one_dim_config()
     log_prior = np.log(np.random.default_rng(3).dirichlet(np.ones(10) * 2))
     exact = np.stack([quadrature(one_dim_model, np.full(16, label)) for label in range(10)], 1)
     joint = log_prior + exact                                           # [16, 10]
-    log_px_y = cm.importance_sampled(sess, g, cfg, x, y, 1000, cm.STREAM_EVAL)[0]
-    mixture, guess = cm.label_mixture(sess, g, cfg, x, y, log_px_y, log_prior)
+    log_px_y = cm.importance_sampled(sess, g, cfg, x, y, 1000, cm.STREAM_EVAL)["log_px"]
+    scores = cm.label_scores(sess, g, cfg, x, log_prior, (y, log_px_y))
+    mixture, guess = np.logaddexp.reduce(scores, 1), scores.argmax(1)
     want = np.logaddexp.reduce(joint, 1)
     assert np.abs(mixture - want).max() < 0.05
     assert (mixture < want + 0.05).all()                      # a lower bound in expectation
