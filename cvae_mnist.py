@@ -219,8 +219,8 @@ def build_graph(cfg):
         batch = _stage_training_set(g, cfg)
         # bfloat16: each weight matrix is read through one cast per step, so the multiplies take
         # bfloat16 operands and the gradients reach the float32 weights through the cast
-        as_bf16 = lambda get, name, *a, **k: tf.cast(get(name, *a, **k), tf.bfloat16) \
-            if name.endswith("/w") else get(name, *a, **k)  # noqa: E731
+        as_bf16 = lambda getter, name, **kw: tf.cast(getter(name, **kw), tf.bfloat16) \
+            if name.endswith("/w") else getter(name, **kw)  # noqa: E731
         with tf.variable_scope(tf.get_variable_scope(),
                                custom_getter=as_bf16 if g.precision == "bfloat16" else None):
             terms = elbo(batch.x, batch.y, cfg, batch.eps)
