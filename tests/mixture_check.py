@@ -2,7 +2,7 @@
 (a script, not a test).
 
 On the checkpoint of a finished VALIDATION = True run of the CVAE in RESULTS_DIR, and
-its first N validation digits, compares cvae_mnist.label_mixture (a cheap pass over
+its first N validation digits, compares cvae_mnist.label_scores (a cheap pass over
 all ten labels, then LL_SAMPLES samples for the labels within the margin) with the
 full LL_SAMPLES pass over all ten labels, for a few MIXTURE_SAMPLES and MIXTURE_MARGIN.
 """
@@ -21,16 +21,17 @@ cfg = dataclasses.replace(c.Config(), results_dir=results, validation=True)
 data = c.prepare_data(cfg)
 x, y = data["x_eval"][:n], data["y_eval"][:n]
 g = c.build_graph(cfg)
-with c.tf.Session(graph=g.graph, config=c.session_config(cfg)) as sess:
+with c.tf.Session(graph=g.graph, config=g.config) as sess:
     sess.run(g.init)
     g.saver.restore(sess, c.tf.train.latest_checkpoint(results + "/checkpoints"))
+    log_prior = sess.run(g.log_prior)
     t = time.time()
     labels = np.arange(10)
-    full, _ = c.importance_sampled(sess, g, cfg, np.repeat(x, 10, 0), np.tile(labels, n),
-                                   cfg.ll_samples, 99)   # a stream of its own
+    full = c.importance_sampled(sess, g, cfg, np.repeat(x, 10, 0), np.tile(labels, n),
+                                cfg.ll_samples, 99)["log_px"]   # a stream of its own
     full = full.reshape(n, 10)
     t_full = time.time() - t
-    joint = data["log_prior"] + full
+    joint = log_prior + full
     ref = np.logaddexp.reduce(joint, 1)
     ref_guess = joint.argmax(1)
     log_px_y = full[np.arange(n), y]
@@ -43,11 +44,13 @@ with c.tf.Session(graph=g.graph, config=c.session_config(cfg)) as sess:
         for margin in (5.0, 10.0, 20.0):
             cfg2 = dataclasses.replace(cfg, mixture_samples=ks, mixture_margin=margin)
             t = time.time()
-            cheap, _ = c.importance_sampled(sess, g, cfg2, np.repeat(x, 10, 0), np.tile(labels, n), ks, 98)
-            score = data["log_prior"] + cheap.reshape(n, 10)
+            cheap = c.importance_sampled(sess, g, cfg2, np.repeat(x, 10, 0), np.tile(labels, n),
+                                         ks, 98)["log_px"]
+            score = log_prior + cheap.reshape(n, 10)
             refine = score >= score.max(1, keepdims=True) - margin
             refine[np.arange(n), y] = False
-            mix, guess = c.label_mixture(sess, g, cfg2, x, y, log_px_y, data["log_prior"])
+            scores = c.label_scores(sess, g, cfg2, x, log_prior, (y, log_px_y))
+            mix, guess = np.logaddexp.reduce(scores, 1), scores.argmax(1)
             dt = time.time() - t
             err = mix - ref
             print(f"MIXTURE_SAMPLES={ks:3d} MARGIN={margin:4.0f}: refined {refine.sum() / n:.3f} "

@@ -2,6 +2,7 @@
 say, and the report computes its ratios within rounds. (The timings themselves are
 the benchmark's business, not the tests'.)"""
 import dataclasses
+import os
 
 import numpy as np
 
@@ -45,3 +46,15 @@ def test_interleaved_rounds_and_ratios(capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "training (steps/s; median of 3 rounds, ratio to the ceiling):"
     assert out[2].split()[:3] == ["a", "slow", "step"] and out[2].endswith(f"{expected:.2f}")
+
+
+def test_bfloat16_ceiling_other_revisions_and_the_cpu_line(tmp_path):
+    """The bfloat16 ceiling multiplies bfloat16 operands; --against loads another revision
+    of the script as a module of its own (here HEAD's), whose epochs the benchmark can run."""
+    cfg = tiny()
+    assert np.isfinite(bm.matmul_ceiling(cm, cfg, 16, backward=True, dtype="bfloat16")())
+    old = bm.revision("HEAD", str(tmp_path))
+    assert old is not cm and callable(old.train_epoch) and callable(old.build_graph)
+    assert os.path.basename(old.__file__) == "cvae_mnist_HEAD.py"
+    model, flags = bm.cpu()
+    assert model and set(flags) <= {"avx512_bf16", "amx_bf16", "amx_tile"}

@@ -230,8 +230,7 @@ def test_resume_false_removes_every_file_of_the_earlier_run_and_only_those(small
                                       save_freq=5))
     new = set(os.listdir(earlier))
     assert [r["epoch"] for r in rows] == [1] and "epochs 1..1" in out
-    rewritten = [".cvae_mnist.lock", "checkpoints", "metrics.csv", "learning_curve.png",
-                 "tensorboard"] + [f"{name}.epoch.1.png" for name in
+    rewritten = [".cvae_mnist.lock", "checkpoints", "metrics.csv", "tensorboard"] + [f"{name}.epoch.1.png" for name in
                                    ["cvae", "style", "style_prior", "recon", "interp", "cvae_latent"]]
     assert old & new == set(mine + rewritten + ["cvae.epoch.9.png"])
     assert not [n for n in new if n.endswith(".epoch.2.png") or n.startswith(".tmp-")]
@@ -268,3 +267,39 @@ def test_messages_name_absolute_folders(tmp_path):
     assert proc.stderr.startswith(f"error: no complete MNIST in {tmp_path}/data/; put one of "
                                   f"these into {tmp_path}/data/: mnist.pkl.gz")
     assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs POSIX file-size limits")
+def test_a_full_disk_under_the_events_writer_still_ends_the_run_with_one_line(small_data_dir,
+                                                                               tmp_path):
+    """tf.summary.FileWriter drops what it cannot write without a word; a full disk must still
+    end the run with one line, from the checkpoint write that follows in the same epoch. A
+    100 kB limit on any one file (RLIMIT_FSIZE) fails the events file (some 275 kB an epoch here)
+    and the checkpoint (1.8 MB), and no figure (60 kB at most)."""
+    import resource
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)    # a write past it fails, not the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+    proc = subprocess.run(cli_command(small_config(small_data_dir, tmp_path, epochs=2)), cwd=ROOT,
+                          capture_output=True, text=True, preexec_fn=limit)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        f"error: could not write {tmp_path}/checkpoints (File too large); no epoch is saved in "
+        f"{tmp_path}/ yet: fix that and run again"]
+    events, = tmp_path.glob("tensorboard/cvae/events.out.tfevents.*")
+    assert 0 < events.stat().st_size <= 100_000             # cut short at the limit, silently
+    assert [r["epoch"] for r in cm.read_metrics(str(tmp_path / "metrics.csv"))] == [1]
+
+
+def test_the_script_imports_and_runs_where_there_is_no_fcntl(tmp_path):
+    """Windows has no fcntl: the import needs none, and the lock takes msvcrt's, or warns where
+    the system has neither (as here, with fcntl made unavailable)."""
+    code = ("import sys; sys.modules['fcntl'] = None; import dataclasses, cvae_mnist as c; "
+            "cfg = dataclasses.replace(c.Config(), results_dir=sys.argv[1])\n"
+            "with c.results_lock(cfg): print('held')")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout == "held\n"
+    assert proc.stderr == (f"warning: could not lock {tmp_path}/.cvae_mnist.lock (this system "
+                           f"offers no file locks); make sure no other run uses {tmp_path}/\n")

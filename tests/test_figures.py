@@ -117,37 +117,6 @@ def test_interpolation_grid_runs_from_one_digit_to_another(model, grids):
                                atol=1e-5)
 
 
-def curve_rows():
-    """50 epochs: a first epoch far below the rest, evaluations every 10 epochs."""
-    rows = [dict(epoch=e, train_elbo=-100 + e / 5, eval_elbo=None, eval_log_px_y=None,
-                 eval_log_px=None) for e in range(1, 51)]
-    rows[0]["train_elbo"] = -150.0
-    for r in rows[9::10]:
-        r.update(eval_elbo=r["train_elbo"] + 1, eval_log_px_y=r["train_elbo"] + 4)
-    rows[-1]["eval_log_px"] = rows[-1]["eval_log_px_y"] - 1
-    return rows
-
-
-def test_learning_curve_is_an_rgb_png_with_every_series(tmp_path):
-    path = tmp_path / "curve.png"
-    cm.draw_learning_curve(curve_rows(), str(path), cm.Config())
-    with Image.open(path) as img:
-        assert img.mode == "RGB" and img.size == (720, 440)
-        colors = {c for _, c in img.getcolors(1 << 16)}
-    assert {(31, 119, 180), (255, 127, 14), (44, 160, 44), (148, 103, 189)} <= colors
-
-
-def test_learning_curve_range_follows_the_later_epochs():
-    rows = curve_rows()
-    lo, hi = cm.curve_range({"train_elbo": [(r["epoch"], r["train_elbo"]) for r in rows]},
-                            1, 50)
-    assert -100 + 6 / 5 - 1 < lo < -100 + 6 / 5          # epoch 6 on is shown, epoch 1 clipped
-    assert -90 < hi < -89
-    ticks, step = cm._nice_ticks(lo, hi)
-    assert step in (1, 2, 2.5) and all(float(t / step).is_integer() for t in ticks)
-    assert len(ticks) >= 4
-
-
 def test_vae_figures_are_samples_reconstructions_and_interpolations(mnist, tmp_path):
     cfg = dataclasses.replace(cm.Config(), z_dim=4, hidden_units=32, conditional=False,
                               results_dir=str(tmp_path))

@@ -14,11 +14,11 @@ STEPS = 300  # Adam steps for the z_dim = 1 model of the importance-sampling tes
 
 
 def tiny(**changes):
-    return dataclasses.replace(cm.Config(), z_dim=4, hidden_units=32, **changes)
+    return dataclasses.replace(cm.Config(), z_dim=4, hidden_units=32, threads=1, **changes)
 
 
 def session(g):
-    sess = cm.tf.Session(graph=g.graph, config=cm.session_config(cm.Config(threads=1)))
+    sess = cm.tf.Session(graph=g.graph, config=g.config)
     sess.run(g.init)
     return sess
 
@@ -77,8 +77,8 @@ def test_each_network_is_created_once():
 
 
 def ancestors(tensor):
-    """Names of every op that `tensor` is computed from."""
-    seen, todo = set(), [tensor.op]
+    """Names of every op that `tensor` (or op) is computed from."""
+    seen, todo = set(), [getattr(tensor, "op", tensor)]
     while todo:
         op = todo.pop()
         if op.name not in seen:
@@ -145,7 +145,7 @@ def one_dim_model(mnist):
 def one_dim_config():
     # no weight average: the quadrature reads the same (live) weights as log_px
     return dataclasses.replace(cm.Config(), z_dim=1, hidden_units=32, ll_samples=1000,
-                               ema_decay=0.0)
+                               ema_decay=0.0, threads=1)
 
 
 def quadrature(model, labels):

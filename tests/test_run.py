@@ -59,7 +59,8 @@ def test_end_to_end_writes_grids_and_improves(finished):
             assert img.mode == "L" and img.size[1] == 302
     with Image.open(results / "cvae.epoch.2.png") as img:
         assert img.size == (302, 302)
-    assert (results / "learning_curve.png").exists()
+    with Image.open(results / "cvae_latent.epoch.2.png") as img:
+        assert img.mode == "RGB"
     assert list(results.glob("tensorboard/cvae/events.out.tfevents.*"))
 
 
@@ -71,7 +72,7 @@ def test_tensorboard_events_hold_scalars_and_images(finished):
             tags |= {v.tag for v in event.summary.value}
     assert {"train/elbo", "train/kl", "test/elbo", "test/log_px_given_y", "test/log_px",
             "test/accuracy", "test/active_units", "time/epoch_seconds", "figures/cvae",
-            "figures/style", "figures/learning_curve"} <= tags
+            "figures/style", "figures/cvae_latent"} <= tags
 
 
 def test_finished_run_says_so_and_does_not_train(finished, small_data_dir):
