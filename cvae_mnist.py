@@ -1,7 +1,7 @@
 """A class-conditional variational autoencoder (CVAE) on binarized MNIST, in TensorFlow's TF1
 graph style (tensorflow.compat.v1: a graph, placeholders, a Session) with TensorFlow Probability.
 
-    p(z) = N(0, I),   p(x|z,y) = prod_i Bernoulli(x_i | sigmoid(f(z, y))_i),   q(z|x,y) = N(mu, sigma^2)
+    p(z) = N(0, I),  p(x|z,y) = prod_i Bernoulli(x_i | sigmoid(f(z,y))_i),  q(z|x,y) = N(mu, sigma^2)
 
 with f and (mu, log sigma) MLPs of two 500-unit ReLU layers on concat([z, one_hot(y)]) and
 concat([x, one_hot(y)]) (Kingma & Welling 2014; Sohn et al. 2015). Training maximises the ELBO
@@ -50,7 +50,7 @@ TRAIN_SAMPLES = 1        # z samples per digit in the SGVB estimate of the ELBO
 ANALYTIC_KL = True       # closed-form KL(q||p); False = Monte-Carlo KL (ZhuSuan's sgvb)
 EMA_DECAY = 0.999        # evaluate and draw with weights averaged at this decay per step; 0 = off
 EMA_EVERY = 10           # update that average every this many steps (a tenth of the cost)
-PRECISION = "float32"    # the training step's multiplies: "float32", "bfloat16" or "auto"
+PRECISION = "auto"       # the step's multiplies: float32, bfloat16, or "auto": bfloat16 where native
 SAVE_FREQ = 10           # write the figures every this many epochs (and after the last)
 SAMPLES_PER_CLASS = 10   # columns of the per-class sample grid
 TEST_FREQ = 10           # evaluate every this many epochs (and after the last)
@@ -393,7 +393,7 @@ def _stage_training_set(g, cfg):
         eps=tf.slice(eps, [0, start, 0], [cfg.train_samples, size, cfg.z_dim]))
 
 
-# ---- Evaluation: the bound, the importance-sampled likelihood, the label mixture, active units ----
+# ---- Evaluation: the bound, the importance-sampled likelihood, the label mixture ----------------
 def random_key(seed, stream, index):
     """The stateless TensorFlow key [2] of draw `index` of `stream`: one for every
     (SEED, stream, index), so that no two uses of randomness share numbers."""
@@ -503,7 +503,8 @@ def tile_grid(tiles):
     framed = np.pad(pixels, [(0, 0), (0, 0), (GRID_GAP, 0), (GRID_GAP, 0)],
                     constant_values=GRID_GAP_LEVEL).transpose(0, 2, 1, 3)
     image = framed.reshape(rows * (IMAGE_SIDE + GRID_GAP), cols * (IMAGE_SIDE + GRID_GAP))
-    return np.pad(image, [(0, GRID_GAP)] * 2, constant_values=GRID_GAP_LEVEL).round().astype(np.uint8)
+    image = np.pad(image, [(0, GRID_GAP)] * 2, constant_values=GRID_GAP_LEVEL)
+    return image.round().astype(np.uint8)
 
 
 def save_png(image, path):
