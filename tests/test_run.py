@@ -166,7 +166,7 @@ def test_bad_data_fails_fast_with_exactly_one_line(tmp_path):
     (1, r"the loss became nan at epoch 1, step 1/4; no epoch is saved in .*/ yet: lower "
         r"LEARNING_RATE and run again")])
 def test_nan_stops_with_epoch_and_step_and_says_what_is_saved(mnist, epoch, message):
-    cfg = dataclasses.replace(cm.Config(), z_dim=4, hidden_units=32)
+    cfg = dataclasses.replace(cm.Config(), z_dim=4, hidden_units=32, precision="float32")
     g = cm.build_graph(cfg)
     with g.graph.as_default():
         bias, = [v for v in cm.tf.global_variables() if v.op.name == "decoder/logits/b"]
