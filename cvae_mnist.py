@@ -521,7 +521,7 @@ def manifold_image(sess, g, cfg, n=10):
 
 
 def latent_image(means, y, cfg):
-    """E_q[z|x,y] [N, Z] of the evaluation digits on their first two principal components."""
+    """E_q[z|x,y] [N, Z] (the VAE's E_q[z|x]) of the evaluation digits on their first two PCs."""
     centred = means - means.mean(0)
     _, s, vt = np.linalg.svd(centred, full_matrices=False)
     xy = np.pad(centred, ((0, 0), (0, 2 - cfg.z_dim))) if cfg.z_dim <= 2 else centred @ vt[:2].T
@@ -537,10 +537,10 @@ def latent_image(means, y, cfg):
     img = np.full((480, 540, 3), 255, np.uint8)                # a 440-pixel square under a title
     for dy, dx in [(0, 0), (0, 1), (1, 0), (1, 1)]:
         img[480 - px[order, 1] - dy, px[order, 0] + dx] = np.array(PALETTE)[y[order]]
-    image = Image.fromarray(img)
-    draw = ImageDraw.Draw(image)
+    draw = ImageDraw.Draw(image := Image.fromarray(img))
     draw.rectangle([0, 40, 439, 479], outline="black")
-    draw.text((4, 4), f"E_q[z|x,y] of {len(y):,} {_set_name(cfg)} digits on {held}", fill="black")
+    draw.text((4, 4), f"E_q[z|x{',y' * cfg.conditional}] of {len(y):,} {_set_name(cfg)} digits "
+              f"on {held}", fill="black")
     draw.text((4, 20), "the nearest class centroid in z names the class of "
               f"{(nearest == y[1::2]).mean():.1%} of them", fill="black")
     draw.rectangle([448, 40, 532, 206], fill="white", outline=(160, 160, 160))      # the legend
@@ -630,8 +630,8 @@ class Model:
     def decode(self, z, y=None):
         """Bernoulli means of p(x|z,y) [n, 28, 28] for z [n, Z] with labels y [n]."""
         z = np.reshape(z, (-1, self.cfg.z_dim))
-        return _decode(self.sess, self.g, z, self._labels(y, len(z))).reshape(-1, IMAGE_SIDE,
-                                                                              IMAGE_SIDE)
+        x = _decode(self.sess, self.g, z, self._labels(y, len(z)))
+        return x.reshape(len(z), IMAGE_SIDE, IMAGE_SIDE)
 
     def classify(self, x):
         """p(y|x) [n, 10] by Bayes' rule, as the evaluation's label mixture computes it."""
