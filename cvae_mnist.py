@@ -103,8 +103,7 @@ Config = dataclasses.make_dataclass("Config", [
 # The settings that make a checkpoint's model what it is; a resumed run must match them.
 MODEL_SETTINGS = ["conditional", "z_dim", "hidden_units", "ema_decay", "ema_every", "validation"]
 
-IMAGE_SIDE, N_CLASSES = 28, 10   # MNIST digits are 28 x 28 pixels, of the classes 0..9
-X_DIM = IMAGE_SIDE ** 2          # 784 pixels per flattened digit
+IMAGE_SIDE, X_DIM, N_CLASSES = 28, 28 * 28, 10  # MNIST digits: 28 x 28 (784 flat), classes 0..9
 # Every use of randomness has its own stream, keyed by (SEED, stream, index): the order, the
 # binarization and the z noise of each epoch, each evaluation pass, the figures' and the API's z.
 STREAM_TRAIN, STREAM_ORDER, STREAM_EVAL, STREAM_MIXTURE, STREAM_REFINE, STREAM_FIGURES = range(6)
@@ -333,8 +332,7 @@ def end_of_epoch(sess, g, cfg, epoch, stats, seconds, data, writer, my_digits):
 
 def redraw(sess, g, cfg, done, data, my_digits):
     """A finished run's figures drawn again with today's settings; nothing trained or recorded."""
-    start = time.time()
-    pngs = save_figures(sess, g, cfg, done, data, my_digits)
+    start, pngs = time.time(), save_figures(sess, g, cfg, done, data, my_digits)
     print(f"{_shown(cfg.results_dir)}/ already holds a finished run of {done} epochs: drew its "
           f"{len(pngs)} figures again ({time.time() - start:.1f}s). Raise EPOCHS to train on, or "
           "set RESUME = False to start again.")
@@ -342,8 +340,8 @@ def redraw(sess, g, cfg, done, data, my_digits):
 
 
 def _stage_training_set(g, cfg):
-    """The training set kept in the graph, each epoch staged in one pass (load_data, prepare),
-    so that a step is three slices: step batch_in_epoch's x [B, 784], y [B], eps [K, B, Z]."""
+    """The training set in the graph, staged once an epoch (load_data, prepare): a step takes three
+    slices, x [B, 784], y [B], eps [K, B, Z] (each batch's own draws and gathers: 6% slower)."""
     g.x_data = tf.placeholder(tf.float32, [None, X_DIM], "x_data")
     g.y_data = tf.placeholder(tf.int32, [None], "y_data")
     x_all = tf.get_local_variable("x_all", initializer=g.x_data, validate_shape=False)
@@ -494,8 +492,8 @@ def digit_grids(sess, g, cfg, x, y):
     grids = {_model_name(cfg): _decode(sess, g, z, np.repeat(np.arange(N_CLASSES), n))}
     # row k: five digits of class k, each followed by its reconstruction at z = E_q[z|x,y]
     idx = first.ravel()
-    grids["recon"] = np.stack([x[idx], _decode(sess, g, _encode(sess, g, x[idx], y[idx]), y[idx])],
-                              1)
+    recon = _decode(sess, g, _encode(sess, g, x[idx], y[idx]), y[idx])
+    grids["recon"] = np.stack([x[idx], recon], 1)
     # row k: digit A of class k, 8 decodings of (1 - t) z_A + t z_B, t from 0 to 1, y = k, digit B
     a, b, t = first[:, 0], first[:, 1], np.linspace(0, 1, 8)[None, :, None]
     za, zb = _encode(sess, g, x[a], y[a])[:, None], _encode(sess, g, x[b], y[b])[:, None]
@@ -787,6 +785,8 @@ def save_checkpoint(sess, g, cfg, epoch):
     """Writes the epoch's checkpoint, and settings.json (all settings, and the precision)."""
     sess.run(g.set_epoch, {g.epoch_in: epoch})
     os.makedirs(_paths(cfg)["ckpt"], exist_ok=True)   # the Saver makes one level, not two
+    for stale in [n for n in os.listdir(_paths(cfg)["ckpt"]) if ".tempstate" in n]:
+        os.remove(os.path.join(_paths(cfg)["ckpt"], stale))    # a failed save's, on a full disk
     _atomic_write(_paths(cfg)["settings"], json.dumps(
         dict(dataclasses.asdict(cfg), trained_in=g.precision), indent=1).encode())
     with _tf_writes(_paths(cfg)["ckpt"]):

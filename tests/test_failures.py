@@ -307,3 +307,18 @@ def test_the_script_imports_and_runs_where_there_is_no_fcntl(tmp_path):
     assert proc.returncode == 0 and proc.stdout == "held\n"
     assert proc.stderr == (f"warning: could not lock {tmp_path}/.cvae_mnist.lock (this system "
                            f"offers no file locks); make sure no other run uses {tmp_path}/\n")
+
+
+def test_the_leftover_of_a_failed_save_goes_with_the_next_save(tmp_path):
+    """TensorFlow leaves a save cut short by a full disk as a .tempstate file that nothing
+    reads; the next checkpoint removes it, so that the space comes back."""
+    cfg = dataclasses.replace(cm.Config(), z_dim=2, hidden_units=8, results_dir=str(tmp_path),
+                              precision="float32")
+    (tmp_path / "checkpoints").mkdir()
+    left = tmp_path / "checkpoints" / "ckpt-1.data-00000-of-00001.tempstate2157134796256687541"
+    left.write_bytes(b"half a checkpoint")
+    g = cm.build_graph(cfg)
+    with cm.tf.Session(graph=g.graph) as sess:
+        sess.run(g.init)
+        cm.save_checkpoint(sess, g, cfg, 1)
+    assert not left.exists() and (tmp_path / "checkpoints" / "ckpt-1.index").exists()
