@@ -29,7 +29,6 @@ import argparse
 import importlib.util
 import os
 import re
-import resource
 import subprocess
 import sys
 import tempfile
@@ -207,6 +206,7 @@ def peak_memory_of_a_run():
     """Peak resident MB of `python cvae_mnist.py`-style run: full data, default model,
     one epoch and a 1000-sample evaluation of 1000 test digits. Call it before this process
     grows: Linux counts the parent's resident set at the fork into the child's peak."""
+    import resource                                     # POSIX only
     with tempfile.TemporaryDirectory() as results:
         code = ("import cvae_mnist as c; c.main(c.Config(epochs=1, test_limit=1000, "
                 f"results_dir={results!r}, data_dir={os.path.join(ROOT, 'data')!r}))")
