@@ -427,8 +427,9 @@ def label_scores(sess, g, cfg, x, log_prior, known=None):
     return log_prior + log_px
 
 
-def posterior(joint):
-    """p(y|x) [N, 10] by Bayes' rule from log p(y) + log p(x|y) [N, 10]."""
+def posterior(sess, g, cfg, x):
+    """p(y|x) [N, 10] of binarized x [N, 784] by Bayes' rule on the label mixture's scores."""
+    joint = label_scores(sess, g, cfg, x, sess.run(g.log_prior))   # log p(y) + log p(x|y)
     return np.exp(joint - np.logaddexp.reduce(joint, 1, keepdims=True))
 
 
@@ -569,7 +570,7 @@ def save_figures(sess, g, cfg, epoch, data, my_digits):
 def my_digits_tiles(sess, g, cfg, digits):
     """Your digits read (printed) and each one's handwriting written as 0..9: [n, 11, 784]."""
     x = binarize(np.stack(list(digits.values())), EVAL_SET_KEY)
-    p = posterior(label_scores(sess, g, cfg, x, sess.run(g.log_prior)))
+    p = posterior(sess, g, cfg, x)
     for path, p_y in zip(digits, p):
         top = np.argsort(-p_y)[:3]
         print(f"My digit {path}: read as {top[0]}; p(y|x) = "
@@ -635,8 +636,7 @@ class Model:
         """p(y|x) [n, 10] by Bayes' rule, as the evaluation's label mixture computes it."""
         if not self.cfg.conditional:
             raise UserError("the VAE has no labels to classify with; train a CVAE")
-        return posterior(label_scores(self.sess, self.g, self.cfg, self._binary(x),
-                                      self.sess.run(self.g.log_prior)))
+        return posterior(self.sess, self.g, self.cfg, self._binary(x))
 
     def log_likelihood(self, x, y=None, samples=1000):
         """log p(x|y) [n] in nats (the VAE: log p(x)), importance-sampled."""
