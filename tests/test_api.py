@@ -40,25 +40,54 @@ def test_encode_and_decode_shapes_and_a_reconstruction(model, mnist):
     assert (distance.argmin(1) == np.arange(8)).mean() >= 0.75
 
 
-def test_classify_agrees_with_the_label_mixture_of_the_evaluation(model, trained, mnist):
-    """The evaluation's classifier reuses its LL_SAMPLES estimate of the true label; classify
-    estimates every close label afresh, with draws of its own. Where q is a poor proposal for a
-    wrong label, two such estimates scatter by a few nats (README, The label mixture), so the
-    two must agree wherever the best two labels are 5 nats apart, and nearly everywhere."""
+def evaluation_scores(model, x, y):
+    """log p(y') + log p(x|y') [N, 10] as the evaluation's label mixture computes them: its own
+    LL_SAMPLES estimate for the true label, the refinement's draws for the other close ones."""
     cfg = model.cfg
+    own = cm.importance_sampled(model.sess, model.g, cfg, x, y, cfg.ll_samples, cm.STREAM_EVAL)
+    return cm.label_scores(model.sess, model.g, cfg, x, model.sess.run(model.g.log_prior),
+                           (y, own["log_px"]))
+
+
+# classify and the evaluation estimate the same scores with different draws. Measured between
+# such passes (2 training seeds x 6 random streams x 200 test digits of this 4-epoch model), the
+# gap between a digit's best two labels moves by 2.2 nats (sd), beyond -5 nats for 1% of digits
+# and -9.4 at worst: q is a poor proposal for a wrong label, so its estimate has a long tail.
+# Digits whose best two labels are over CLEAR nats apart changed their best label in 2 of 1,074
+# (digit, pass) pairs: among the ~45 of 100 here, 3 or more flips has odds of about 1e-4.
+CLEAR, FLIPS_ALLOWED = 5.0, 2
+# Over all 100 digits the two agreed on 0.86 to 0.95 (mean 0.91, sd 0.03): 0.75 is 5 sd below.
+AGREEMENT = 0.75
+
+
+def test_classify_agrees_with_the_label_mixture_of_the_evaluation(model, trained):
+    """Catches classify reading another label than the evaluation (argmin, an off-by-one label,
+    p(x|y) without p(y)): each leaves most clear digits in disagreement."""
     data = cm.prepare_data(trained[1])
     x, y = data["x_eval"][:100], data["y_eval"][:100]
     p = model.classify(x)
     assert p.shape == (100, 10) and np.allclose(p.sum(1), 1)
-    own = cm.importance_sampled(model.sess, model.g, cfg, x, y, cfg.ll_samples, cm.STREAM_EVAL)
-    joint = cm.label_scores(model.sess, model.g, cfg, x, model.sess.run(model.g.log_prior),
-                            (y, own["log_px"]))
+    joint = evaluation_scores(model, x, y)
     top2 = np.sort(joint, 1)[:, -2:]
-    clear = top2[:, 1] - top2[:, 0] > 5
-    assert clear.sum() >= 30                              # a small model, 4 epochs
-    np.testing.assert_array_equal(p.argmax(1)[clear], joint.argmax(1)[clear])
-    assert (p.argmax(1) == joint.argmax(1)).mean() >= 0.9    # near ties of a 4-epoch model
-    assert (p.argmax(1) == y).mean() > 0.7
+    clear = top2[:, 1] - top2[:, 0] > CLEAR
+    assert clear.sum() >= 30                              # 42 to 46 of 100 measured
+    assert (p.argmax(1)[clear] != joint.argmax(1)[clear]).sum() <= FLIPS_ALLOWED
+    assert (p.argmax(1) == joint.argmax(1)).mean() >= AGREEMENT
+    assert (p.argmax(1) == y).mean() > 0.7                # 0.81 to 0.86 measured; chance 0.1
+
+
+def test_the_evaluation_s_accuracy_counts_the_digits_whose_best_label_is_right(model, trained):
+    """The printed accuracy and label-mixture log p(x) are those of the scores above (the same
+    draws: equal to float32 rounding); catches an accuracy of the least likely label, or any
+    other reading of the scores than argmax_y', and a mixture that is not logsumexp over y'."""
+    data = cm.prepare_data(trained[1])
+    x, y = data["x_eval"][:100], data["y_eval"][:100]
+    out = cm.evaluate(model.sess, model.g, model.cfg, x, y, last=True)
+    joint = evaluation_scores(model, x, y)
+    assert out["eval_accuracy"] == (joint.argmax(1) == y).mean() > 0.7
+    assert out["eval_log_px"] == pytest.approx(np.logaddexp.reduce(joint, 1).mean(), abs=1e-4)
+    log_prior = model.sess.run(model.g.log_prior)[y].mean()   # log p(x) >= log p(y) + log p(x|y)
+    assert out["eval_log_px"] >= out["eval_log_px_y"] + log_prior - 1e-4
 
 
 def test_log_likelihood_is_the_evaluation_s_estimate(model, trained, mnist):
