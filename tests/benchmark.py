@@ -175,7 +175,10 @@ def training_runner(cm, cfg, data):
     turn), and its graph and session. cm may be another revision of cvae_mnist."""
     g = cm.build_graph(cfg)
     sess = session(cm, cfg, g.graph, g.init)
-    sess.run(g.load_data, {g.x_data: data["x_train"], g.y_data: data["y_train"]})
+    if hasattr(g, "load_data"):      # a revision from before the Graph dataclass
+        sess.run(g.load_data, {g.x_data: data["x_train"], g.y_data: data["y_train"]})
+    else:
+        sess.run(g.data.load, {g.data.x_all: data["x_train"], g.data.y_all: data["y_train"]})
     n = len(data["x_train"])
     epoch = iter(range(1, 10 ** 6))
     return lambda: cm.train_epoch(sess, g, cfg, next(epoch), n), g, sess

@@ -3,6 +3,7 @@ import dataclasses
 import gzip
 import os
 import pickle
+import re
 import sys
 
 import numpy as np
@@ -27,6 +28,24 @@ def small_data_dir(mnist, tmp_path_factory):
     path = tmp_path_factory.mktemp("small_mnist")
     write_small_pkl(path, mnist, 1280, 500)
     return str(path)
+
+
+# The lines TensorFlow's libraries may print as they load (absl's banner, INFO lines such as
+# "Could not find cuda drivers"): on stderr before any setting of TensorFlow's is read.
+TENSORFLOW_STARTUP = re.compile(
+    r"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+    r"|I\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] .*")
+
+
+def only_tensorflow_startup(stderr):
+    """True if stderr holds nothing but TensorFlow's start-up lines."""
+    return all(TENSORFLOW_STARTUP.fullmatch(line) for line in stderr.splitlines())
+
+
+def our_stderr(stderr):
+    """stderr without TensorFlow's start-up lines: what the script itself wrote."""
+    return "".join(line for line in stderr.splitlines(keepends=True)
+                   if not TENSORFLOW_STARTUP.fullmatch(line.rstrip("\n")))
 
 
 def write_small_pkl(folder, mnist, n_train, n_test):

@@ -21,7 +21,7 @@ cfg = dataclasses.replace(c.Config(), results_dir=results, validation=True)
 data = c.prepare_data(cfg)
 x, y = data["x_eval"][:n], data["y_eval"][:n]
 g = c.build_graph(cfg)
-with c.tf.Session(graph=g.graph, config=g.config) as sess:
+with c.tf.Session(graph=g.graph, config=g.session_config) as sess:
     sess.run(g.init)
     g.saver.restore(sess, c.tf.train.latest_checkpoint(results + "/checkpoints"))
     log_prior = sess.run(g.log_prior)
@@ -49,7 +49,7 @@ with c.tf.Session(graph=g.graph, config=g.config) as sess:
             score = log_prior + cheap.reshape(n, 10)
             refine = score >= score.max(1, keepdims=True) - margin
             refine[np.arange(n), y] = False
-            scores = c.label_scores(sess, g, cfg2, x, log_prior, (y, log_px_y))
+            scores = c.label_scores(sess, g, cfg2, x, log_prior, y, log_px_y)
             mix, guess = np.logaddexp.reduce(scores, 1), scores.argmax(1)
             dt = time.time() - t
             err = mix - ref

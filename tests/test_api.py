@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import cvae_mnist as cm
-from conftest import ROOT
+from conftest import ROOT, only_tensorflow_startup
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def evaluation_scores(model, x, y):
     cfg = model.cfg
     own = cm.importance_sampled(model.sess, model.g, cfg, x, y, cfg.ll_samples, cm.STREAM_EVAL)
     return cm.label_scores(model.sess, model.g, cfg, x, model.sess.run(model.g.log_prior),
-                           (y, own["log_px"]))
+                           y, own["log_px"])
 
 
 # classify and the evaluation estimate the same scores with different draws. Measured between
@@ -129,5 +129,5 @@ def test_the_readme_snippet_runs_as_written(trained, tmp_path):
     proc = subprocess.run([sys.executable, "-c", readme_snippet()], cwd=tmp_path,
                           capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
     assert proc.returncode == 0, proc.stderr
-    assert proc.stderr == ""
+    assert only_tensorflow_startup(proc.stderr), proc.stderr
     assert os.path.exists(tmp_path / "sevens.png")

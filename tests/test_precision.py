@@ -27,39 +27,42 @@ def ops_of(g, tensor, kind):
 
 def test_bfloat16_multiplies_in_the_step_and_float32_everywhere_else():
     g = cm.build_graph(config("bfloat16"))
-    step = ops_of(g, g.average_op, "MatMul")
+    step = ops_of(g, g.train_op, "MatMul")
     # forward: 6 layers; backward: their 6 weight gradients and 5 input gradients (x is data)
     assert len(step) == 17
     assert {op.get_attr("T") for op in step} == {tf.bfloat16}
-    casts = [op for op in ops_of(g, g.stats, "Cast") if op.inputs[0].op.type == "ReadVariableOp"]
+    stats = list(g.stats.values())
+    casts = [op for op in ops_of(g, stats, "Cast") if op.inputs[0].op.type == "ReadVariableOp"]
     assert len(casts) == 6                                 # each weight matrix cast once a step
     with g.graph.as_default():
         assert {v.dtype.base_dtype for v in tf.global_variables()} == {tf.float32, tf.int64}
         assert all(v.dtype.base_dtype == tf.float32 for v in tf.trainable_variables())
-    assert g.stats.dtype == tf.float32
-    assert {op.get_attr("T") for op in ops_of(g, g.stats, "BiasAdd")} == {tf.float32}
-    assert {op.get_attr("T") for op in ops_of(g, g.stats, "Softplus")} == {tf.float32}
+    assert {t.dtype for t in stats} == {tf.float32}
+    assert {op.get_attr("T") for op in ops_of(g, stats, "BiasAdd")} == {tf.float32}
+    assert {op.get_attr("T") for op in ops_of(g, stats, "Softplus")} == {tf.float32}
     for evaluation in (g.log_px, g.x_mean, g.z_mean):     # the evaluation stays float32
         assert {op.get_attr("T") for op in ops_of(g, evaluation, "MatMul")} == {tf.float32}
     plain = cm.build_graph(config("float32"))
-    assert {op.get_attr("T") for op in ops_of(plain, plain.stats, "MatMul")} == {tf.float32}
+    assert {op.get_attr("T") for op in ops_of(plain, list(plain.stats.values()), "MatMul")} == {tf.float32}
 
 
 def step_stats(mnist, precision, weights=None):
     """The bound of step 0 of epoch 1 on the first 256 digits, and the weights it used."""
     cfg = config(precision)
     g = cm.build_graph(cfg)
-    with tf.Session(graph=g.graph, config=g.config) as sess:
+    with tf.Session(graph=g.graph, config=g.session_config) as sess:
         sess.run(g.init)
         with g.graph.as_default():
             for v in tf.trainable_variables():
                 if weights is not None:
                     v.load(weights[v.op.name], sess)
             weights = {v.op.name: sess.run(v) for v in tf.trainable_variables()}
-        sess.run(g.load_data, {g.x_data: mnist["x_train"][:256], g.y_data: mnist["y_train"][:256]})
-        sess.run(g.prepare, {g.order: np.arange(256, dtype=np.int32),
-                             g.train_key: cm.random_key(cfg.seed, cm.STREAM_TRAIN, 1)})
-        return sess.run(g.stats, {g.batch_in_epoch: 0}), weights
+        sess.run(g.data.load, {g.data.x_all: mnist["x_train"][:256],
+                               g.data.y_all: mnist["y_train"][:256]})
+        key = cm.random_key(cfg.seed, cm.STREAM_TRAIN, 1)
+        sess.run(g.data.prepare, {g.data.order: np.arange(256, dtype=np.int32), g.epoch_key: key})
+        stats = sess.run(g.stats, {g.epoch_key: key, g.batch_in_epoch: 0})
+        return np.array([stats["elbo"], stats["recon"], stats["kl"]]), weights
 
 
 # How far bfloat16 may move the step's statistics, from the arithmetic, not from one machine's run.
@@ -115,14 +118,32 @@ def test_resuming_in_another_precision_says_so_and_trains_on(small_data_dir, tmp
     rows, out = run_main(small_config(small_data_dir, tmp_path, epochs=1, precision="float32"))
     assert "multiplies in float32 (PRECISION = 'float32')" in out.splitlines()[0]
     rows, out = run_main(small_config(small_data_dir, tmp_path, epochs=2, precision="bfloat16"))
-    assert out.splitlines()[0] == ("Epochs 1..1 were trained with float32 multiplies; epochs "
-                                   "2..2 use bfloat16 (the weights are float32 either way).")
+    assert out.splitlines()[0] == ("Resuming at epoch 2 with changed settings (epochs 1..1 had "
+                                   "the old): PRECISION 'float32' -> 'bfloat16'")
     assert "multiplies in bfloat16 (PRECISION = 'bfloat16')" in out.splitlines()[1]
     assert [r["epoch"] for r in rows] == [1, 2] and rows[1]["train_elbo"] > rows[0]["train_elbo"]
     with open(tmp_path / "checkpoints" / "settings.json") as f:
-        assert json.load(f)["trained_in"] == "bfloat16"
+        settings = json.load(f)
+    assert settings["trained_in"] == "bfloat16"
+    assert settings["changes"] == [dict(epoch=2, settings=dict(precision=["float32", "bfloat16"]))]
     rows, out = run_main(small_config(small_data_dir, tmp_path, epochs=3, precision="bfloat16"))
-    assert "were trained with" not in out                     # same precision: nothing to say
+    assert "changed settings" not in out                      # same precision: nothing to say
+
+
+def test_resuming_with_another_learning_rate_names_it_and_keeps_it(small_data_dir, tmp_path):
+    run_main(small_config(small_data_dir, tmp_path, epochs=1))
+    rows, out = run_main(small_config(small_data_dir, tmp_path, epochs=2, learning_rate=5e-4,
+                                      seed=7))
+    assert out.splitlines()[0] == ("Resuming at epoch 2 with changed settings (epochs 1..1 had "
+                                   "the old): LEARNING_RATE 0.001 -> 0.0005, SEED 1234 -> 7")
+    with open(tmp_path / "checkpoints" / "settings.json") as f:
+        settings = json.load(f)
+    assert settings["learning_rate"] == 5e-4
+    assert settings["changes"] == [dict(epoch=2, settings=dict(learning_rate=[1e-3, 5e-4],
+                                                                seed=[1234, 7]))]
+    rows, out = run_main(small_config(small_data_dir, tmp_path, epochs=3, threads=2,
+                                      learning_rate=5e-4, seed=7, test_limit=100))
+    assert "changed settings" not in out          # threads and evaluation settings: not named
 
 
 @pytest.mark.parametrize("value", ["float16", "bf16", None])

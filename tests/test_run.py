@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 import cvae_mnist as cm
-from conftest import ROOT, small_config
+from conftest import only_tensorflow_startup, ROOT, small_config
 
 
 @pytest.fixture(scope="module")
@@ -156,8 +156,30 @@ def test_bad_data_fails_fast_with_exactly_one_line(tmp_path):
     cfg = small_config(tmp_path / "data", tmp_path / "results")
     proc = subprocess.run(cli_command(cfg), capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 1 and proc.stdout == ""
-    lines = proc.stderr.strip().splitlines()       # TensorFlow is not even imported yet
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "web page" in lines[0]
+    *startup, last = proc.stderr.strip().splitlines()    # before any graph is built
+    assert only_tensorflow_startup("\n".join(startup))
+    assert last.startswith("error: ") and "web page" in last
+
+
+def test_settings_from_the_command_line(small_data_dir, tmp_path):
+    cfg = cm.parse_args(["--epochs=2", "--conditional=False", "--learning_rate=5e-4",
+                         f"--results_dir={tmp_path}", '--my_digits=["a.png"]'])
+    assert (cfg.epochs, cfg.conditional, cfg.learning_rate) == (2, False, 5e-4)
+    assert cfg.results_dir == str(tmp_path) and cfg.my_digits == ["a.png"]
+    assert cm.parse_args([]) == cm.Config()
+    for argv, words in [(["--epoch=2"], "unrecognized arguments: --epoch=2"),
+                        (["--epochs=two"], "EPOCHS = 'two': it must be a whole number >= 1"),
+                        (["--conditional=maybe"], "CONDITIONAL = 'maybe': it must be True or")]:
+        proc = subprocess.run([sys.executable, "cvae_mnist.py", *argv], capture_output=True,
+                              text=True, cwd=ROOT)
+        *startup, last = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and only_tensorflow_startup("\n".join(startup))
+        assert last.startswith("error: ") and words in last, last
+    proc = subprocess.run([sys.executable, "cvae_mnist.py", "--help"], capture_output=True,
+                          text=True, cwd=ROOT)
+    words = " ".join(proc.stdout.split())
+    assert proc.returncode == 0 and "constant at the top of cvae_mnist.py" in words
+    assert "--z_dim VALUE a whole number >= 1; now 40" in words
 
 
 @pytest.mark.parametrize("epoch, message", [
@@ -173,7 +195,8 @@ def test_nan_stops_with_epoch_and_step_and_says_what_is_saved(mnist, epoch, mess
         poison = cm.tf.assign(bias, np.full(784, np.nan, np.float32))
     with cm.tf.Session(graph=g.graph) as sess:
         sess.run(g.init)
-        sess.run(g.load_data, {g.x_data: mnist["x_train"][:512], g.y_data: mnist["y_train"][:512]})
+        sess.run(g.data.load, {g.data.x_all: mnist["x_train"][:512],
+                               g.data.y_all: mnist["y_train"][:512]})
         for before in range(1, epoch):
             cm.train_epoch(sess, g, cfg, before, 512)
         sess.run(poison)
@@ -236,7 +259,7 @@ def test_vae_measures_log_px_and_draws_no_label_figures(small_data_dir, tmp_path
     rows, out = run_main(small_config(small_data_dir, tmp_path, conditional=False))
     last = rows[-1]
     assert last["eval_log_px"] > last["eval_elbo"]
-    assert last["eval_log_px_y"] is None and last["eval_accuracy"] is None
+    assert "eval_log_px_y" not in last and "eval_accuracy" not in last
     assert re.search(r"^>> Test log p\(x\) \(IS\) = -\d+\.\d\d$", out, re.M)
     assert "Training the VAE p(x|z) q(z|x)" in out and "|y)" not in out and "z,y" not in out
     assert sorted(p.name for p in tmp_path.glob("*.epoch.1.png")) == \
