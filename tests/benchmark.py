@@ -201,6 +201,7 @@ def revision(rev, folder):
                                capture_output=True, text=True).stdout)
     spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module     # as importlib's recipe does: dataclasses look it up
     spec.loader.exec_module(module)
     return module
 
