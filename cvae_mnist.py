@@ -369,14 +369,14 @@ def evaluation_lines(cfg, row):
     if cfg.conditional:
         mixture = "label mixture, IS"
     lines = []
-    for key, words, digits in [("eval_elbo", "lower bound", 2),
-                               ("eval_log_px_y", "log p(x|y) (IS)", 2),
-                               ("eval_log_px", f"log p(x) ({mixture})", 2),
-                               ("eval_accuracy", "accuracy of argmax_y p(y|x)", 4),
-                               ("eval_centroid_accuracy", "accuracy of the nearest class "
-                                "centroid in z", 4)]:
+    for key, words, form in [("eval_elbo", "lower bound", "{:.2f}"),
+                             ("eval_log_px_y", "log p(x|y) (IS)", "{:.2f}"),
+                             ("eval_log_px", f"log p(x) ({mixture})", "{:.2f}"),
+                             ("eval_accuracy", "accuracy of argmax_y p(y|x)", "{:.4f}"),
+                             ("eval_centroid_accuracy", "accuracy of the nearest class "
+                              "centroid in z", "{:.4f}")]:
         if row.get(key) is not None:
-            lines.append(f">> {name.capitalize()} {words} = {row[key]:.{digits}f}")
+            lines.append(f">> {name.capitalize()} {words} = " + form.format(row[key]))
     lines.append(f">> Active units = {row['active_units']} of {cfg.z_dim}")
     lines.append(f">> ({row['eval_digits']} {name} digits, {row['ll_samples']} importance "
                  f"samples each, {row['eval_seconds']:.1f}s)")
@@ -406,10 +406,10 @@ def evaluate(sess, g, cfg, x, y, last):
     out = dict(eval_set=_set_name(cfg), eval_digits=len(x), eval_elbo=est["elbo"].mean(),
                ll_samples=n_samples, active_units=int((means.var(0) > 0.01).sum()),
                eval_centroid_accuracy=centroid_accuracy(means, y))
-    if not cfg.conditional:
-        out["eval_log_px"] = est["log_px"].mean()
-    else:
+    if cfg.conditional:
         out["eval_log_px_y"] = est["log_px"].mean()
+    else:
+        out["eval_log_px"] = est["log_px"].mean()
     if cfg.conditional and last:
         joint = label_scores(sess, g, cfg, x, sess.run(g.log_prior),
                              true_labels=y, their_log_px=est["log_px"])
@@ -1034,7 +1034,6 @@ def save_checkpoint(sess, g, cfg, epoch):
 
 def _write_settings(g, cfg, changes):
     """settings.json: every setting, the precision trained in, and the changes on resuming."""
-    os.makedirs(_paths(cfg)["ckpt"], exist_ok=True)
     settings = dict(dataclasses.asdict(cfg), trained_in=g.precision, changes=changes)
     _atomic_write(_paths(cfg)["settings"], json.dumps(settings, indent=1).encode())
 

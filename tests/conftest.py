@@ -37,11 +37,6 @@ TENSORFLOW_STARTUP = re.compile(
     r"|I\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] .*")
 
 
-def only_tensorflow_startup(stderr):
-    """True if stderr holds nothing but TensorFlow's start-up lines."""
-    return all(TENSORFLOW_STARTUP.fullmatch(line) for line in stderr.splitlines())
-
-
 def our_stderr(stderr):
     """stderr without TensorFlow's start-up lines: what the script itself wrote."""
     return "".join(line for line in stderr.splitlines(keepends=True)
