@@ -44,7 +44,7 @@ LL_SAMPLES = 1000        # importance samples per digit for log p(x|y) after the
 LL_SAMPLES_INTERIM = 100  # importance samples per digit in the evaluations before it
 MIXTURE_SAMPLES = 20     # CVAE, last evaluation: cheap samples of log p(x|y') for every label y'
 MIXTURE_MARGIN = 10.0    # ... then LL_SAMPLES for the labels within this many nats of the best
-TEST_BATCH_SIZE = 10     # digits per evaluation batch (times LL_SAMPLES decoder rows)
+TEST_BATCH_SIZE = 10     # digits per evaluation batch at LL_SAMPLES (more at fewer samples)
 SEED = 1234              # seeds data order, binarization, z samples, initial weights, figures
 THREADS = 0              # CPU threads for TensorFlow ops; 0 = one per core
 DATA_DIR = "data"        # where MNIST is looked for, and downloaded to if missing
@@ -241,7 +241,7 @@ class Graph:
     data: "TrainingSet"            # the training set staged in the graph (see PLUMBING)
     epoch_key: tf.Tensor           # [2] the stateless key of an epoch's draws: random_key
     batch_in_epoch: tf.Tensor      # [] the step within the epoch
-    stats: dict                    # {name: []} what each step logs: the bound and its terms
+    stats: dict                    # {name: scalar} what each step logs: the bound and terms
     bound: str                     # the name in stats of the bound that is trained
     train_op: tf.Operation         # one Adam step (and, when due, the weights' average)
     log_prior: tf.Variable         # log p(y) [10], the training set's class frequencies
@@ -466,6 +466,8 @@ def centroid_accuracy(means, y):
     centroids = np.stack([means[::2][y[::2] == k].mean(0) for k in classes])
     nearest = classes[((means[1::2, None] - centroids) ** 2).sum(-1).argmin(1)]
     return float((nearest == y[1::2]).mean())
+
+
 # ---- Figures: one grid writer serves every image of digits -------------------------------------
 GRID_GAP, GRID_GAP_LEVEL = 2, 96   # pixels of border and gutter around grid tiles; their gray
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
@@ -685,7 +687,9 @@ load = Model   # with cvae_mnist.load("results") as model: sevens = model.sample
 # ================================================================================================
 # PLUMBING: what a run needs and the model does not: speed, records and checkpoints, the lock,
 # data fetching and checks, errors, signals, the command line. Nothing below is needed to
-# understand the CVAE or to change its model or objective.
+# understand the CVAE or to change its model or objective. The science calls four speed helpers
+# from here; read matmul(h, w) as h @ w, multiplies_in as nothing, stage_training_set as a batch
+# of binarized training digits, and adam_with_weight_average as Adam.
 # ================================================================================================
 
 # ---- Speed: the staged training set, bfloat16 multiplies, the weight average's cadence ---------
