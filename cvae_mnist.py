@@ -758,11 +758,13 @@ def adam_with_weight_average(loss, cfg):
         loss, step, gate_gradients=tf.train.Optimizer.GATE_GRAPH)
     if not cfg.ema_decay:
         return train_op, None
+    with tf.control_dependencies([train_op]):   # the step counted from 1, read after its update
+        done = step.read_value()
+    # num_updates caps the decay at (1 + n) / (10 + n): n must be read after the update too
     ema = tf.train.ExponentialMovingAverage(cfg.ema_decay ** cfg.ema_every,
-                                            num_updates=step // cfg.ema_every)
-    with tf.control_dependencies([train_op]):   # the step counted from 1, after its update
-        step_op = tf.cond(tf.equal(step % cfg.ema_every, 0),
-                          lambda: ema.apply(tf.trainable_variables()), tf.no_op)
+                                            num_updates=done // cfg.ema_every)
+    step_op = tf.cond(tf.equal(done % cfg.ema_every, 0),
+                      lambda: ema.apply(tf.trainable_variables()), tf.no_op)
     return step_op, lambda getter, *args, **kwargs: ema.average(getter(*args, **kwargs))
 
 
