@@ -42,8 +42,8 @@ SAMPLES_PER_CLASS = 10   # columns of the per-class sample grid
 TEST_FREQ = 10           # evaluate every this many epochs (and after the last)
 LL_SAMPLES = 1000        # importance samples per digit for log p(x|y) after the last epoch
 LL_SAMPLES_INTERIM = 100  # importance samples per digit in the evaluations before it
-MIXTURE_SAMPLES = 20     # CVAE, last evaluation: cheap samples of log p(x|y') for every label y'
-MIXTURE_MARGIN = 10.0    # ... then LL_SAMPLES for the labels within this many nats of the best
+MIXTURE_LABELS = 2       # CVAE, last evaluation: LL_SAMPLES for each digit's best labels (the
+                         # true one counts), LL_SAMPLES / 50 for the rest
 TEST_BATCH_SIZE = 10     # digits per evaluation batch at LL_SAMPLES (more at fewer samples)
 SEED = 1234              # seeds data order, binarization, z samples, initial weights, figures
 THREADS = 0              # CPU threads for TensorFlow ops; 0 = one per core
@@ -78,8 +78,7 @@ class Config:
     test_freq: int = TEST_FREQ
     ll_samples: int = LL_SAMPLES
     ll_samples_interim: int = LL_SAMPLES_INTERIM
-    mixture_samples: int = MIXTURE_SAMPLES
-    mixture_margin: float = MIXTURE_MARGIN
+    mixture_labels: int = MIXTURE_LABELS
     test_batch_size: int = TEST_BATCH_SIZE
     seed: int = SEED
     threads: int = THREADS
@@ -115,8 +114,8 @@ RULES = dict(
     ema_decay=_number("in [0, 1) (0 = off)", lambda v: 0 <= v < 1), ema_every=_whole(1),
     precision=("'float32', 'bfloat16' or 'auto'", lambda v: v in ("float32", "bfloat16", "auto")),
     save_freq=_whole(1), samples_per_class=_whole(1), test_freq=_whole(1),
-    ll_samples=_whole(1), ll_samples_interim=_whole(1), mixture_samples=_whole(1),
-    mixture_margin=_number("a number > 0", lambda v: v > 0), test_batch_size=_whole(1),
+    ll_samples=_whole(1), ll_samples_interim=_whole(1), mixture_labels=_whole(1, 10),
+    test_batch_size=_whole(1),
     seed=_whole(0, 2 ** 31 - 1), threads=_whole(0), data_dir=FOLDER, download=FLAG,
     results_dir=FOLDER, resume=FLAG, train_limit=_whole(0), test_limit=_whole(0),
     validation=FLAG,
@@ -132,6 +131,8 @@ IMAGE_SIDE, X_DIM, N_CLASSES = 28, 28 * 28, 10  # MNIST digits: 28 x 28 (784 fla
 # Every use of randomness has its own stream, keyed by (SEED, stream, index): the order, the
 # binarization and the z noise of each epoch, each evaluation pass, the figures' and the API's z.
 STREAM_TRAIN, STREAM_ORDER, STREAM_EVAL, STREAM_MIXTURE, STREAM_REFINE, STREAM_FIGURES = range(6)
+PASSES = {STREAM_EVAL: "Importance sampling", STREAM_MIXTURE: "Label mixture, every label",
+          STREAM_REFINE: "Label mixture, the best labels"}   # as the progress line names them
 EVAL_SET_KEY = 20141220          # binarizes the evaluation digits, the same for every SEED
 VALIDATION_SIZE = 10000          # digits held out by VALIDATION = True, the last ones
 
@@ -423,7 +424,7 @@ def importance_sampled(sess, g, cfg, x, y, n_samples, stream):
     """log_px and elbo [N] of x [N, 784], y [N]; batch i draws with (SEED, stream, i)."""
     per_batch = max(1, cfg.test_batch_size * cfg.ll_samples // n_samples)
     out = dict(log_px=np.zeros(len(x)), elbo=np.zeros(len(x)))
-    for i, start in enumerate(range(0, len(x), per_batch)):
+    for i, start in enumerate(progress(range(0, len(x), per_batch), PASSES[stream])):
         rows = slice(start, start + per_batch)
         out["log_px"][rows], out["elbo"][rows] = sess.run([g.log_px, g.test_elbo], {
             g.x_in: x[rows], g.y_in: y[rows], g.k_in: n_samples,
@@ -432,23 +433,25 @@ def importance_sampled(sess, g, cfg, x, y, n_samples, stream):
 
 
 def label_scores(sess, g, cfg, x, log_prior, true_labels=None, their_log_px=None):
-    """log p(y') + log p(x|y') [N, 10] for every label y' of x [N, 784]: MIXTURE_SAMPLES for
-    every label, then LL_SAMPLES for those within MIXTURE_MARGIN nats of the best (a label far
-    below the best adds under e^-10 to the sum). their_log_px [N], the estimates of
-    log p(x|true_labels), are reused rather than estimated again."""
-    n = len(x)
+    """log p(y') + log p(x|y') [N, 10] for every label y' of x [N, 784]: a cheap pass over all
+    ten labels with LL_SAMPLES / 50 samples, then LL_SAMPLES for each digit's MIXTURE_LABELS best
+    (the rest add little to the sum, and their estimates are biased low, so they are not the
+    argmax). their_log_px [N], the estimates of log p(x|true_labels), are reused: the true label
+    counts as one of the best, so the cost is bounded whatever the model."""
+    n, rows = len(x), np.arange(len(x))
     log_px = importance_sampled(sess, g, cfg, np.repeat(x, N_CLASSES, 0),
-                                np.tile(np.arange(N_CLASSES), n), cfg.mixture_samples,
+                                np.tile(np.arange(N_CLASSES), n), max(1, cfg.ll_samples // 50),
                                 STREAM_MIXTURE)["log_px"].reshape(n, N_CLASSES)
-    score = log_prior + log_px
-    close = score >= score.max(1, keepdims=True) - cfg.mixture_margin
+    rank = log_prior + log_px
     if true_labels is not None:
-        close[np.arange(n), true_labels] = False
-    digit, label = np.nonzero(close)
+        rank[rows, true_labels] = np.inf                   # known already: first of the best
+    best = np.argsort(-rank, 1)[:, :cfg.mixture_labels]    # [N, MIXTURE_LABELS]
+    if true_labels is not None:
+        log_px[rows, true_labels] = their_log_px
+        best = best[:, 1:]                                  # the true label, first, is done
+    digit, label = np.repeat(rows, best.shape[1]), best.ravel()
     log_px[digit, label] = importance_sampled(sess, g, cfg, x[digit], label, cfg.ll_samples,
                                               STREAM_REFINE)["log_px"]
-    if true_labels is not None:
-        log_px[np.arange(n), true_labels] = their_log_px
     return log_prior + log_px
 
 
@@ -782,6 +785,24 @@ def training_precision(choice):
 
 
 # ---- The run's frame: open_run holds the lock, the session and the records ---------------------
+PROGRESS_AFTER = 2.0   # seconds of work before a progress line appears
+
+
+def progress(steps, what):
+    """The items of `steps` (a sequence), and on a terminal, after PROGRESS_AFTER seconds, one
+    line rewritten in place: `what`, the share done, the time left; cleared at the end."""
+    start, shown = time.time(), False
+    for i, step in enumerate(steps):
+        elapsed = time.time() - start
+        if i and elapsed >= PROGRESS_AFTER and sys.stdout.isatty():
+            left = elapsed * (len(steps) - i) / i
+            print(f"\r{what}: {i / len(steps):.0%} done, {left:.0f}s left   ", end="", flush=True)
+            shown = True
+        yield step
+    if shown:
+        print("\r" + " " * 79 + "\r", end="", flush=True)
+
+
 class Run:
     """An open run: its data, graph, session, the epochs done, and where its records go."""
 

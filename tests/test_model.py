@@ -338,3 +338,26 @@ def test_label_mixture_and_bayes_classifier_match_quadrature(one_dim_model):
     clear = top2[:, 1] - top2[:, 0] > 10 * spread             # no tie within the noise
     assert clear.sum() >= 8
     assert (guesses[:, clear] == joint.argmax(1)[clear]).all()
+
+
+def test_the_last_evaluation_costs_at_most_three_log_px_passes(mnist, monkeypatch):
+    """On an untrained model every label is close; whatever the model, the label mixture
+    refines each digit's MIXTURE_LABELS - 1 best labels besides the true one, so the whole last
+    evaluation feeds at most (1 + 10 / 50 + 1) = 2.2 times the digit-samples of its log p(x|y)
+    pass (a margin rule refines all ten here: 10.2 times)."""
+    cfg = tiny(ll_samples=100, test_batch_size=20)
+    g = cm.build_graph(cfg)
+    x, y = cm.binarize(mnist["x_test"][:60], cm.EVAL_SET_KEY), mnist["y_test"][:60]
+    fed = []
+    sampled = cm.importance_sampled
+
+    def counted(sess, g, cfg, x, y, n_samples, stream):
+        fed.append(len(x) * n_samples)
+        return sampled(sess, g, cfg, x, y, n_samples, stream)
+    monkeypatch.setattr(cm, "importance_sampled", counted)
+    with session(g) as sess:
+        g.log_prior.load(np.log(np.full(10, 0.1, np.float32)), sess)
+        row = cm.evaluate(sess, g, cfg, x, y, last=True)
+    assert fed[0] == 60 * 100                                  # the log p(x|y) pass
+    assert fed[1:] == [60 * 10 * 2, 60 * 100]                  # every label cheap; one more
+    assert np.isfinite(row["eval_log_px"]) and 0 <= row["eval_accuracy"] <= 1

@@ -125,7 +125,7 @@ def test_resume_false_starts_fresh(finished, small_data_dir, tmp_path):
     (dict(epochs=0), "EPOCHS"), (dict(batch_size=0), "BATCH_SIZE"),
     (dict(batch_size=5000), "BATCH_SIZE = 5000 is larger"), (dict(z_dim=0), "Z_DIM"),
     (dict(learning_rate=0.0), "LEARNING_RATE"), (dict(learning_rate=-1e-3), "LEARNING_RATE"),
-    (dict(mixture_samples=0), "MIXTURE_SAMPLES"), (dict(mixture_margin=0), "MIXTURE_MARGIN"),
+    (dict(mixture_labels=0), "MIXTURE_LABELS"), (dict(mixture_labels=11), "MIXTURE_LABELS"),
     (dict(results_dir="/proc/no/such/dir"), "RESULTS_DIR"),
 ])
 def test_bad_constants_are_refused_before_work(small_data_dir, tmp_path, change, words):
@@ -308,3 +308,40 @@ def test_every_use_of_randomness_has_its_own_key():
     order = cm.random_generator(7, cm.STREAM_ORDER, 1).standard_normal(5)
     grid = cm.random_generator(7, cm.STREAM_FIGURES, 1).standard_normal(5)
     assert not np.allclose(order, grid)
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_long_evaluations_show_progress_on_a_terminal_only(trained, monkeypatch, capsys):
+    """An evaluation pass rewrites one line in place on a terminal (share done, time left) and
+    clears it; redirected, it prints nothing. PROGRESS_AFTER = 0 so that a short pass shows."""
+    monkeypatch.setattr(cm, "PROGRESS_AFTER", 0.0)
+    with cm.load(str(trained[0])) as model:
+        x = np.random.default_rng(0).integers(0, 2, (40, 784)).astype(np.float32)
+        model.log_likelihood(x, [3] * 40, samples=2000)             # redirected: capsys
+        assert capsys.readouterr().out == ""
+        monkeypatch.setattr(sys, "stdout", Terminal())
+        model.log_likelihood(x, [3] * 40, samples=2000)
+        shown = sys.stdout.getvalue()
+    assert re.search(r"\rImportance sampling: \d+% done, \d+s left", shown)
+    assert shown.endswith("\r" + " " * 79 + "\r")                  # cleared for the next line
+
+
+def test_progress_reaches_a_pseudo_terminal(tmp_path, monkeypatch):
+    """The same through a real (pseudo-)terminal, as a user's shell gives one."""
+    pty = pytest.importorskip("pty")
+    monkeypatch.setenv("PYTHONPATH", ROOT)
+    code = ("import time, cvae_mnist as c; c.PROGRESS_AFTER = 0; "
+            "[time.sleep(0.05) for _ in c.progress(range(4), 'Label mixture, every label')]")
+    out = os.path.join(tmp_path, "out")
+    with open(out, "wb") as f:
+        def read(fd):
+            data = os.read(fd, 1024)
+            f.write(data)
+            return data
+        pid_status = pty.spawn([sys.executable, "-c", code], read)
+    assert os.waitstatus_to_exitcode(pid_status) == 0
+    assert re.search(rb"\rLabel mixture, every label: 75% done, 0s left", open(out, "rb").read())
