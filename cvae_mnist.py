@@ -337,7 +337,7 @@ def train_epoch(sess, g, cfg, epoch, n_train):
         if not all(np.isfinite(value) for value in stats.values()):
             raise diverged(cfg, epoch, f"step {t + 1}/{steps}", stats[g.bound])
         for name, value in stats.items():
-            total[name] += value / steps
+            total[name] += float(value) / steps
     return total
 
 
@@ -424,7 +424,8 @@ def importance_sampled(sess, g, cfg, x, y, n_samples, stream):
     """log_px and elbo [N] of x [N, 784], y [N]; batch i draws with (SEED, stream, i)."""
     per_batch = max(1, cfg.test_batch_size * cfg.ll_samples // n_samples)
     out = dict(log_px=np.zeros(len(x)), elbo=np.zeros(len(x)))
-    for i, start in enumerate(progress(range(0, len(x), per_batch), PASSES[stream])):
+    for i, start in enumerate(progress(range(0, len(x), per_batch),
+                                              PASSES.get(stream, "Importance sampling"))):
         rows = slice(start, start + per_batch)
         out["log_px"][rows], out["elbo"][rows] = sess.run([g.log_px, g.test_elbo], {
             g.x_in: x[rows], g.y_in: y[rows], g.k_in: n_samples,
@@ -435,9 +436,9 @@ def importance_sampled(sess, g, cfg, x, y, n_samples, stream):
 def label_scores(sess, g, cfg, x, log_prior, true_labels=None, their_log_px=None):
     """log p(y') + log p(x|y') [N, 10] for every label y' of x [N, 784]: a cheap pass over all
     ten labels with LL_SAMPLES / 50 samples, then LL_SAMPLES for each digit's MIXTURE_LABELS best
-    (the rest add little to the sum, and their estimates are biased low, so they are not the
-    argmax). their_log_px [N], the estimates of log p(x|true_labels), are reused: the true label
-    counts as one of the best, so the cost is bounded whatever the model."""
+    (the others, nats below, add little to the sum). their_log_px [N], the estimates of
+    log p(x|true_labels), are reused: the true label counts as one of the best, so the cost is
+    bounded whatever the model."""
     n, rows = len(x), np.arange(len(x))
     log_px = importance_sampled(sess, g, cfg, np.repeat(x, N_CLASSES, 0),
                                 np.tile(np.arange(N_CLASSES), n), max(1, cfg.ll_samples // 50),
@@ -883,6 +884,7 @@ def diverged(cfg, epoch, where, bound):
 TAGS = dict(seconds="time/epoch_seconds", eval_seconds="time/eval_seconds",
             eval_log_px_y="{set}/log_px_given_y", active_units="{set}/active_units",
             ll_samples="{set}/ll_samples")
+COUNTS = ["epoch", "eval_digits", "active_units", "ll_samples"]    # whole numbers
 # Every file a run writes in RESULTS_DIR outside checkpoints/ and tensorboard/ (start_fresh).
 OWN_FILES = re.compile(r"(cvae|vae|style|style_prior|recon|interp|cvae_latent|vae_latent|"
                        r"manifold)\.epoch\.\d+\.png|my_digits\.png"
@@ -910,8 +912,11 @@ def _tag(key, cfg):
     return None
 
 
-def _value(text):
-    """A metrics.csv field read back: None where empty, else an int, a float, or the text."""
+def _value(key, text):
+    """A metrics.csv field read back: None where empty, else an int, a float, or the text; a
+    count as a whole number even where an older version wrote it as 1.0."""
+    if key in COUNTS and text:
+        return int(float(text))
     for kind in (int, float):
         with contextlib.suppress(ValueError):
             return kind(text)
@@ -923,7 +928,7 @@ def read_metrics(path):
     if not os.path.exists(path):
         return []
     with open(path, newline="") as f:
-        return [{key: _value(text) for key, text in row.items()} for row in csv.DictReader(f)]
+        return [{key: _value(key, text) for key, text in row.items()} for row in csv.DictReader(f)]
 
 
 def write_metrics(path, rows):

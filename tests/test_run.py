@@ -48,6 +48,9 @@ def test_end_to_end_writes_grids_and_improves(finished):
     assert 0 < rows[1]["eval_accuracy"] <= 1 and 1 <= rows[1]["active_units"] <= 8
     # log p(x) >= log p(y) + log p(x|y) for each digit, so on average too
     assert rows[1]["eval_log_px"] > rows[1]["eval_log_px_y"] + np.log(0.05)
+    text = (results / "metrics.csv").read_text()
+    assert not re.search(r"\.\d{5}", text)                      # values to at most 4 decimals
+    assert [line.split(",")[0] for line in text.splitlines()[1:]] == ["1", "2"]
     assert re.search(r"^Epoch 2 \(\d+\.\d+s\): Lower bound = -\d+\.\d\d", out, re.M)
     assert re.search(r"^>> Test lower bound = -\d+\.\d\d$", out, re.M)
     assert re.search(r"^>> Test log p\(x\|y\) \(IS\) = -\d+\.\d\d$", out, re.M)
@@ -345,3 +348,14 @@ def test_progress_reaches_a_pseudo_terminal(tmp_path, monkeypatch):
         pid_status = pty.spawn([sys.executable, "-c", code], read)
     assert os.waitstatus_to_exitcode(pid_status) == 0
     assert re.search(rb"\rLabel mixture, every label: 75% done, 0s left", open(out, "rb").read())
+
+
+def test_metrics_of_older_versions_read_back_with_whole_counts(tmp_path):
+    """Older versions wrote every row but the newest as floats (epoch 1.0): counts read back
+    as whole numbers, so a resumed old run's metrics.csv is rewritten with them."""
+    path = tmp_path / "metrics.csv"
+    path.write_text("epoch,seconds,active_units,eval_elbo\n1.0,2.5,13.0,-90.5\n2,2.4,14,\n")
+    rows = cm.read_metrics(str(path))
+    assert rows == [dict(epoch=1, seconds=2.5, active_units=13, eval_elbo=-90.5),
+                    dict(epoch=2, seconds=2.4, active_units=14, eval_elbo=None)]
+    assert {type(r[key]) for r in rows for key in ("epoch", "active_units")} == {int}
