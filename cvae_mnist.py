@@ -42,8 +42,8 @@ SAMPLES_PER_CLASS = 10   # columns of the per-class sample grid
 TEST_FREQ = 10           # evaluate every this many epochs (and after the last)
 LL_SAMPLES = 1000        # importance samples per digit for log p(x|y) after the last epoch
 LL_SAMPLES_INTERIM = 100  # importance samples per digit in the evaluations before it
-MIXTURE_LABELS = 2       # CVAE, last evaluation: LL_SAMPLES for each digit's best labels (the
-                         # true one counts), LL_SAMPLES / 50 for the rest
+MIXTURE_LABELS = 2       # CVAE, last evaluation: LL_SAMPLES for the true label and each digit's
+                         # best other (the rest keep a cheap pass's LL_SAMPLES / CHEAP_SHARE)
 TEST_BATCH_SIZE = 10     # digits per evaluation batch at LL_SAMPLES (more at fewer samples)
 SEED = 1234              # seeds data order, binarization, z samples, initial weights, figures
 THREADS = 0              # CPU threads for TensorFlow ops; 0 = one per core
@@ -133,6 +133,7 @@ IMAGE_SIDE, X_DIM, N_CLASSES = 28, 28 * 28, 10  # MNIST digits: 28 x 28 (784 fla
 STREAM_TRAIN, STREAM_ORDER, STREAM_EVAL, STREAM_MIXTURE, STREAM_REFINE, STREAM_FIGURES = range(6)
 PASSES = {STREAM_EVAL: "Importance sampling", STREAM_MIXTURE: "Label mixture, every label",
           STREAM_REFINE: "Label mixture, the best labels"}   # as the progress line names them
+CHEAP_SHARE = 50                 # the label mixture's cheap pass: LL_SAMPLES / 50 samples (20)
 EVAL_SET_KEY = 20141220          # binarizes the evaluation digits, the same for every SEED
 VALIDATION_SIZE = 10000          # digits held out by VALIDATION = True, the last ones
 
@@ -424,8 +425,8 @@ def importance_sampled(sess, g, cfg, x, y, n_samples, stream):
     """log_px and elbo [N] of x [N, 784], y [N]; batch i draws with (SEED, stream, i)."""
     per_batch = max(1, cfg.test_batch_size * cfg.ll_samples // n_samples)
     out = dict(log_px=np.zeros(len(x)), elbo=np.zeros(len(x)))
-    for i, start in enumerate(progress(range(0, len(x), per_batch),
-                                              PASSES.get(stream, "Importance sampling"))):
+    batches = progress(range(0, len(x), per_batch), PASSES.get(stream, "Importance sampling"))
+    for i, start in enumerate(batches):
         rows = slice(start, start + per_batch)
         out["log_px"][rows], out["elbo"][rows] = sess.run([g.log_px, g.test_elbo], {
             g.x_in: x[rows], g.y_in: y[rows], g.k_in: n_samples,
@@ -435,18 +436,20 @@ def importance_sampled(sess, g, cfg, x, y, n_samples, stream):
 
 def label_scores(sess, g, cfg, x, log_prior, true_labels=None, their_log_px=None):
     """log p(y') + log p(x|y') [N, 10] for every label y' of x [N, 784]: a cheap pass over all
-    ten labels with LL_SAMPLES / 50 samples, then LL_SAMPLES for each digit's MIXTURE_LABELS best
-    (the others, nats below, add little to the sum). their_log_px [N], the estimates of
-    log p(x|true_labels), are reused: the true label counts as one of the best, so the cost is
-    bounded whatever the model."""
+    ten labels with LL_SAMPLES / CHEAP_SHARE samples, then LL_SAMPLES for each digit's
+    MIXTURE_LABELS best; given true_labels [N] and their estimates their_log_px [N] (both or
+    neither), the true label and the MIXTURE_LABELS - 1 best others. So the cost is bounded
+    whatever the model; the labels left with the cheap estimate (biased low) are nats below
+    the best after training, and add little to the sum."""
     n, rows = len(x), np.arange(len(x))
     log_px = importance_sampled(sess, g, cfg, np.repeat(x, N_CLASSES, 0),
-                                np.tile(np.arange(N_CLASSES), n), max(1, cfg.ll_samples // 50),
+                                np.tile(np.arange(N_CLASSES), n),
+                                max(1, cfg.ll_samples // CHEAP_SHARE),
                                 STREAM_MIXTURE)["log_px"].reshape(n, N_CLASSES)
-    rank = log_prior + log_px
+    cheap_score = log_prior + log_px
     if true_labels is not None:
-        rank[rows, true_labels] = np.inf                   # known already: first of the best
-    best = np.argsort(-rank, 1)[:, :cfg.mixture_labels]    # [N, MIXTURE_LABELS]
+        cheap_score[rows, true_labels] = np.inf            # known already: sorts first
+    best = np.argsort(-cheap_score, 1)[:, :cfg.mixture_labels]    # [N, MIXTURE_LABELS]
     if true_labels is not None:
         log_px[rows, true_labels] = their_log_px
         best = best[:, 1:]                                  # the true label, first, is done
@@ -791,17 +794,19 @@ PROGRESS_AFTER = 2.0   # seconds of work before a progress line appears
 
 def progress(steps, what):
     """The items of `steps` (a sequence), and on a terminal, after PROGRESS_AFTER seconds, one
-    line rewritten in place: `what`, the share done, the time left; cleared at the end."""
-    start, shown = time.time(), False
-    for i, step in enumerate(steps):
-        elapsed = time.time() - start
-        if i and elapsed >= PROGRESS_AFTER and sys.stdout.isatty():
-            left = elapsed * (len(steps) - i) / i
-            print(f"\r{what}: {i / len(steps):.0%} done, {left:.0f}s left   ", end="", flush=True)
-            shown = True
-        yield step
-    if shown:
-        print("\r" + " " * 79 + "\r", end="", flush=True)
+    line rewritten in place: `what`, the share done, the time left; cleared however it ends."""
+    start, line = time.time(), ""
+    try:
+        for i, step in enumerate(steps):
+            elapsed = time.time() - start
+            if i and elapsed >= PROGRESS_AFTER and sys.stdout.isatty():
+                left = elapsed * (len(steps) - i) / i
+                line = f"{what}: {i / len(steps):.0%} done, {left:.0f}s left   "
+                print("\r" + line, end="", flush=True)
+            yield step
+    finally:
+        if line:
+            print("\r" + " " * len(line) + "\r", end="", flush=True)
 
 
 class Run:
