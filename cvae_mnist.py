@@ -572,7 +572,7 @@ def latent_image(means, y, cfg):
         xy, held = centred @ vt[:2].T, f"PC 1 and 2, {share:.0%} of the variance"
     lo, hi = np.percentile(xy, [0.5, 99.5], 0)                 # a few far points may fall out
     px = np.round((xy - lo) / np.maximum(hi - lo, 1e-9) * 428).astype(int) + 5
-    order = random_generator(0, STREAM_FIGURES, 2).permutation(len(y))   # no class on top
+    order = random_generator(cfg.seed, STREAM_FIGURES, 2).permutation(len(y))   # no class on top
     order = order[((px[order] >= 5) & (px[order] <= 433)).all(1)]
     img = np.full((480, 540, 3), 255, np.uint8)                # a 440-pixel square under a title
     for dy, dx in [(0, 0), (0, 1), (1, 0), (1, 1)]:
@@ -859,7 +859,7 @@ def redraw(run, cfg, my_digits):
     """A finished run's figures drawn again with today's settings; nothing trained or recorded."""
     start = time.time()
     pngs = save_figures(run.sess, run.g, cfg, run.done, run.data, my_digits)
-    print(f"{_shown(cfg.results_dir)}/ already holds a finished run of {run.done} epochs: drew "
+    print(f"{_shown(cfg.results_dir)}/ already holds a finished run of {_count(run.done, 'epoch')}: drew "
           f"its {len(pngs)} figures again ({time.time() - start:.1f}s). Raise EPOCHS to train "
           "on, or set RESUME = False to start again.")
     return read_metrics(_paths(cfg)["metrics"])
@@ -869,12 +869,16 @@ def finish(cfg):
     """The closing line of a run; metrics.csv's rows."""
     rows = read_metrics(_paths(cfg)["metrics"])
     total = sum(r["seconds"] + (r["eval_seconds"] or 0) for r in rows)
-    epochs = "1 epoch"
-    if len(rows) != 1:
-        epochs = f"{len(rows)} epochs"
-    print(f"Done: {epochs}, {total:.0f}s of training and evaluation; figures, metrics.csv, "
-          f"TensorBoard logs in {_shown(cfg.results_dir)}/.")
+    print(f"Done: {_count(len(rows), 'epoch')}, {total:.0f}s of training and evaluation; "
+          f"figures, metrics.csv, TensorBoard logs in {_shown(cfg.results_dir)}/.")
     return rows
+
+
+def _count(n, word):
+    """'1 epoch', '2 epochs': n and the word, plural unless n is 1."""
+    if n == 1:
+        return f"1 {word}"
+    return f"{n} {word}s"
 
 
 def diverged(cfg, epoch, where, bound):
