@@ -426,11 +426,12 @@ def importance_sampled(sess, g, cfg, x, y, n_samples, stream):
     per_batch = max(1, cfg.test_batch_size * cfg.ll_samples // n_samples)
     out = dict(log_px=np.zeros(len(x)), elbo=np.zeros(len(x)))
     batches = progress(range(0, len(x), per_batch), PASSES.get(stream, "Importance sampling"))
-    for i, start in enumerate(batches):
-        rows = slice(start, start + per_batch)
-        out["log_px"][rows], out["elbo"][rows] = sess.run([g.log_px, g.test_elbo], {
-            g.x_in: x[rows], g.y_in: y[rows], g.k_in: n_samples,
-            g.seed_in: random_key(cfg.seed, stream, i)})
+    with contextlib.closing(batches):      # the progress line cleared even on Ctrl-C
+        for i, start in enumerate(batches):
+            rows = slice(start, start + per_batch)
+            out["log_px"][rows], out["elbo"][rows] = sess.run([g.log_px, g.test_elbo], {
+                g.x_in: x[rows], g.y_in: y[rows], g.k_in: n_samples,
+                g.seed_in: random_key(cfg.seed, stream, i)})
     return out
 
 

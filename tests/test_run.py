@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -332,6 +333,32 @@ def test_long_evaluations_show_progress_on_a_terminal_only(trained, monkeypatch,
     assert re.search(r"\rImportance sampling: \d+% done, \d+s left", shown)
     last = shown.rsplit("\r", 3)[1]                                 # the last line shown ...
     assert shown.endswith("\r" + " " * len(last) + "\r")          # ... cleared for the next
+
+
+def test_an_interrupted_pass_clears_its_progress_line_before_the_error(monkeypatch):
+    """Ctrl-C in the third batch of a pass: the line is cleared as the interrupt leaves the
+    pass, so that the error line starts on a clean line (the exception's traceback would keep
+    the generator, and its clean-up, alive until the program ends)."""
+    class Session:
+        calls = 0
+
+        def run(self, fetches, feed):
+            self.calls += 1
+            if self.calls == 3:
+                raise KeyboardInterrupt
+            return np.zeros(2), np.zeros(2)
+    g = types.SimpleNamespace(log_px=1, test_elbo=2, x_in=3, y_in=4, k_in=5, seed_in=6)
+    cfg = dataclasses.replace(cm.Config(), test_batch_size=2, ll_samples=10)
+    monkeypatch.setattr(cm, "PROGRESS_AFTER", 0.0)
+    monkeypatch.setattr(sys, "stdout", Terminal())
+    shown = None
+    try:
+        cm.importance_sampled(Session(), g, cfg, np.zeros((10, 784)), np.zeros(10), 10,
+                              cm.STREAM_EVAL)
+    except KeyboardInterrupt:
+        shown = sys.stdout.getvalue()       # where cli() prints the error: the traceback alive
+    assert "\rImportance sampling: 20% done" in shown
+    assert shown.endswith("\r" + " " * len(shown.rsplit("\r", 3)[1]) + "\r")
 
 
 def test_progress_reaches_a_pseudo_terminal_after_progress_after_seconds():
