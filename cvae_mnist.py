@@ -860,9 +860,10 @@ def redraw(run, cfg, my_digits):
     """A finished run's figures drawn again with today's settings; nothing trained or recorded."""
     start = time.time()
     pngs = save_figures(run.sess, run.g, cfg, run.done, run.data, my_digits)
-    print(f"{_shown(cfg.results_dir)}/ already holds a finished run of {_count(run.done, 'epoch')}: drew "
-          f"its {len(pngs)} figures again ({time.time() - start:.1f}s). Raise EPOCHS to train "
-          "on, or set RESUME = False to start again.")
+    print(f"{_shown(cfg.results_dir)}/ already holds a finished run of "
+          f"{_count(run.done, 'epoch')}: drew its {len(pngs)} figures again "
+          f"({time.time() - start:.1f}s). Raise EPOCHS to train on, or set RESUME = False to "
+          "start again.")
     return read_metrics(_paths(cfg)["metrics"])
 
 

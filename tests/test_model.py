@@ -388,4 +388,5 @@ def test_the_mixture_refines_the_true_label_and_the_best_others(monkeypatch, lab
     assert (scores == -50).sum() == 2 * (labels - 1)          # the rest: cheap, below -100
     refined.clear()
     cm.label_scores(None, None, cfg, x, no_prior)
-    assert refined[0] == sorted([(0, 9 - k) for k in range(labels)] + [(1, k) for k in range(labels)])
+    best = [(0, 9 - k) for k in range(labels)] + [(1, k) for k in range(labels)]
+    assert refined[0] == sorted(best)
