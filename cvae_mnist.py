@@ -32,8 +32,9 @@ BATCH_SIZE = 128         # digits per Adam step
 Z_DIM = 40               # size of the latent code z
 HIDDEN_UNITS = 500       # ReLU units in each of the two hidden layers of both MLPs
 LEARNING_RATE = 1e-3     # Adam step size
-TRAIN_SAMPLES = 1        # z samples per digit in the SGVB estimate of the ELBO
-ANALYTIC_KL = True       # closed-form KL(q||p); False = Monte-Carlo KL (ZhuSuan's sgvb)
+OBJECTIVE = "elbo"       # the bound trained: "elbo" (SGVB) or "iwae" (importance weighted)
+TRAIN_SAMPLES = 1        # z samples per digit in the bound's estimate (IWAE's K)
+ANALYTIC_KL = True       # ELBO: closed-form KL(q||p); False = Monte-Carlo KL (ZhuSuan's sgvb)
 EMA_DECAY = 0.999        # evaluate and draw with weights averaged at this decay per step; 0 = off
 EMA_EVERY = 10           # update that average every this many steps (a tenth of the cost)
 PRECISION = "auto"       # the step's multiplies: float32, bfloat16; "auto" = bfloat16 where native
@@ -68,6 +69,7 @@ class Config:
     z_dim: int = Z_DIM
     hidden_units: int = HIDDEN_UNITS
     learning_rate: float = LEARNING_RATE
+    objective: str = OBJECTIVE
     train_samples: int = TRAIN_SAMPLES
     analytic_kl: bool = ANALYTIC_KL
     ema_decay: float = EMA_DECAY
@@ -110,6 +112,7 @@ FOLDER = ("a folder name", lambda v: isinstance(v, str) and v != "")
 RULES = dict(
     conditional=FLAG, epochs=_whole(1), batch_size=_whole(1), z_dim=_whole(1),
     hidden_units=_whole(1), learning_rate=_number("a number > 0", lambda v: v > 0),
+    objective=("'elbo' or 'iwae'", lambda v: v in ("elbo", "iwae")),
     train_samples=_whole(1), analytic_kl=FLAG,
     ema_decay=_number("in [0, 1) (0 = off)", lambda v: 0 <= v < 1), ema_every=_whole(1),
     precision=("'float32', 'bfloat16' or 'auto'", lambda v: v in ("float32", "bfloat16", "auto")),
@@ -124,8 +127,8 @@ RULES = dict(
 # The settings that make a checkpoint's model what it is: a resumed run must match them.
 MODEL_SETTINGS = ["conditional", "z_dim", "hidden_units", "ema_decay", "ema_every", "validation"]
 # The settings that shape training: a resumed run may change them, and says so.
-TRAINING_SETTINGS = ["learning_rate", "batch_size", "train_samples", "analytic_kl", "seed",
-                     "train_limit"]
+TRAINING_SETTINGS = ["learning_rate", "batch_size", "objective", "train_samples", "analytic_kl",
+                     "seed", "train_limit"]
 
 IMAGE_SIDE, X_DIM, N_CLASSES = 28, 28 * 28, 10  # MNIST digits: 28 x 28 (784 flat), classes 0..9
 # Every use of randomness has its own stream, keyed by (SEED, stream, index): the order, the
@@ -214,11 +217,38 @@ def elbo(x, y, cfg, seed):
     return dict(elbo=recon - kl, recon=recon, kl=kl)
 
 
+def iwae(x, y, cfg, seed):
+    """The importance-weighted bound (Burda et al. 2015) of x [B, 784], y [B] with K =
+    TRAIN_SAMPLES draws z_k ~ q(z|x,y): iwae [B] = log 1/K sum_k w_k, w_k = p(x|z_k,y) p(z_k) /
+    q(z_k|x,y) <= log p(x|y); the ELBO's terms on the same draws, recon and kl [B] (means over
+    k); and dreg [B], whose gradient is the encoder's doubly reparameterized one (Tucker et al.
+    2018): sum_k w~_k^2 d log w_k / dz_k dz_k / dphi, w~ the normalized weights, held."""
+    q = encoder(x, y, cfg)
+    z = q.sample(cfg.train_samples, seed=seed)                                   # [K, B, Z]
+    recon = binary_log_likelihood(decoder(z, y, cfg), x)                         # [K, B]
+    # q with its parameters held: the encoder's gradient reaches log w through z alone
+    held = tfd.Independent(tfd.Normal(tf.stop_gradient(q.mean()), tf.stop_gradient(q.stddev())), 1)
+    log_q_minus_prior = held.log_prob(z) - prior(cfg).log_prob(z)                # [K, B]
+    log_w = recon - log_q_minus_prior
+    bound = tf.reduce_logsumexp(log_w, 0) - tf.math.log(float(cfg.train_samples))
+    weights = tf.stop_gradient(tf.nn.softmax(log_w, 0))                          # w~ [K, B]
+    return dict(iwae=bound, recon=tf.reduce_mean(recon, 0),
+                kl=tf.reduce_mean(log_q_minus_prior, 0),
+                dreg=tf.reduce_sum(weights ** 2 * log_w, 0))
+
+
 def training_objective(x, y, cfg, seed):
-    """What a step logs (the bound and its terms, means over the batch, by name) and the loss
-    it minimises: for the ELBO, minus the ELBO itself."""
+    """What a step logs (the bound and the ELBO's terms, means over the batch, by name), the
+    name of the bound trained, and what the optimizer minimizes for the variables under each
+    scope: for the ELBO, minus the ELBO for all; for IWAE, minus the bound for the decoder
+    (its gradient is the bound's) and minus dreg for the encoder."""
+    if cfg.objective == "iwae":
+        terms = {name: tf.reduce_mean(value) for name, value in iwae(x, y, cfg, seed).items()}
+        logged = dict(iwae=terms["iwae"], recon=terms["recon"], kl=terms["kl"])
+        return dict(logged=logged, bound="iwae",
+                    losses={"decoder": -terms["iwae"], "encoder": -terms["dreg"]})
     logged = {name: tf.reduce_mean(value) for name, value in elbo(x, y, cfg, seed).items()}
-    return dict(logged=logged, bound="elbo", loss=-logged["elbo"])
+    return dict(logged=logged, bound="elbo", losses={"": -logged["elbo"]})
 
 
 def log_likelihood(x, y, cfg, n_samples, seed):
@@ -274,7 +304,7 @@ def build_graph(cfg):
         noise = tf.random.experimental.stateless_fold_in(noise_key, batch_in_epoch)
         with multiplies_in(precision):
             objective = training_objective(data.x, data.y, cfg, noise)
-        train_op, averaged = adam_with_weight_average(objective["loss"], cfg)
+        train_op, averaged = adam_with_weight_average(objective["losses"], cfg)
         log_prior = tf.get_variable("log_prior", [N_CLASSES], trainable=False,
                                     initializer=tf.zeros_initializer())
         x_in = tf.placeholder(tf.float32, [None, X_DIM], "x_in")
@@ -347,6 +377,8 @@ def start_line(run, cfg):
     model = "VAE p(x|z) q(z|x)"
     if cfg.conditional:
         model = "CVAE p(x|z,y) q(z|x,y)"
+    if cfg.objective == "iwae":
+        model += " by the IWAE bound (ANALYTIC_KL is the ELBO's, unused)"
     n = run.n_train
     return (f"Training the {model} on {n} digits, {n // cfg.batch_size} steps per epoch, epochs "
             f"{run.done + 1}..{cfg.epochs}, multiplies in {run.g.precision} "
@@ -355,11 +387,15 @@ def start_line(run, cfg):
 
 
 def epoch_line(g, cfg, row):
-    """Epoch N (Ts): Lower bound = B  [log p(x|z,y) = R, KL = K], as ZhuSuan logs it."""
+    """Epoch N (Ts): Lower bound = B  [log p(x|z,y) = R, KL = K], as ZhuSuan logs it; the
+    bracket holds the ELBO's terms whichever bound is trained."""
     given = "z"
     if cfg.conditional:
         given = "z,y"
-    return (f"Epoch {row['epoch']} ({row['seconds']:.1f}s): Lower bound = "
+    bound = "Lower bound"
+    if g.bound == "iwae":
+        bound = f"IWAE bound (K = {cfg.train_samples})"
+    return (f"Epoch {row['epoch']} ({row['seconds']:.1f}s): {bound} = "
             f"{row['train_' + g.bound]:.2f}  [log p(x|{given}) = {row['train_recon']:.2f}, "
             f"KL = {row['train_kl']:.2f}]")
 
@@ -755,15 +791,20 @@ def multiplies_in(precision):
         yield
 
 
-def adam_with_weight_average(loss, cfg):
-    """Adam on `loss`, and the weights' exponential moving average (EMA_DECAY per step, updated
-    every EMA_EVERY steps in one op of decay^EMA_EVERY: a tenth of the cost): the step op, and
-    a custom getter that reads the averages (None without EMA)."""
+def adam_with_weight_average(losses, cfg):
+    """Adam on each loss of losses {variable scope: loss} for the variables under its scope,
+    and the weights' exponential moving average (EMA_DECAY per step, updated every EMA_EVERY
+    steps in one op of decay^EMA_EVERY: a tenth of the cost): the step op, and a custom getter
+    that reads the averages (None without EMA)."""
     step = tf.train.get_or_create_global_step()
-    # GATE_GRAPH: every gradient is computed before any update, and none for the data x (the
-    # default, GATE_OP, holds both gradients of each multiply: x's too, computed and dropped)
-    train_op = tf.train.AdamOptimizer(cfg.learning_rate).minimize(
-        loss, step, gate_gradients=tf.train.Optimizer.GATE_GRAPH)
+    adam = tf.train.AdamOptimizer(cfg.learning_rate)
+    gradients = []
+    for scope, loss in losses.items():
+        # GATE_GRAPH: every gradient computed before any update, and none for the data x (the
+        # default, GATE_OP, holds both gradients of each multiply: x's too, computed and dropped)
+        gradients += adam.compute_gradients(loss, tf.trainable_variables(scope),
+                                            gate_gradients=tf.train.Optimizer.GATE_GRAPH)
+    train_op = adam.apply_gradients(gradients, step)
     if not cfg.ema_decay:
         return train_op, None
     with tf.control_dependencies([train_op]):   # the step counted from 1, read after its update
