@@ -416,7 +416,8 @@ def test_the_iwae_bound_rises_with_k_toward_the_exact_log_likelihood(one_dim_mod
         seed = tf.placeholder(tf.int32, [2])
         bounds = {k: cm.iwae(tf.constant(x), tf.constant(y), dataclasses.replace(
             one_dim_config(), train_samples=k), seed)["iwae"] for k in (1, 5, 50)}
-    draws = {k: np.array([sess.run(b, {seed: [k, i]}) for i in range(200)]) for k, b in bounds.items()}
+    draws = {k: np.array([sess.run(bound, {seed: [k, i]}) for i in range(200)])
+             for k, bound in bounds.items()}
     mean = {k: d.mean(0) for k, d in draws.items()}
     se = {k: d.std(0) / np.sqrt(200) for k, d in draws.items()}
     assert (mean[50] < exact + 5 * se[50]).all()                 # a lower bound
