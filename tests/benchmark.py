@@ -3,7 +3,8 @@
 Prints the CPU's model and bfloat16 flags, then, for the default settings:
 - training: steps per second of whole epochs of the real train_epoch (data handling, every
   fetch and check, the weight average every EMA_EVERY steps: what the log's `Epoch N (Ts)`
-  measures), in float32 and in bfloat16, against the matmul ceilings: the step's 17 multiplies
+  measures), in float32, in bfloat16 and for the IWAE bound with K = 5 (float32), against
+  the matmul ceilings: the step's 17 multiplies
   (forward, and the weight and input gradients, but x's, of the six layers) run alone, side by
   side, with float32 and with bfloat16 operands;
 - three plain-TensorFlow steps of the same model, data in memory, no TFP (multiplies, bias and
@@ -13,7 +14,8 @@ Prints the CPU's model and bfloat16 flags, then, for the default settings:
 - with --against REV: whole float32 epochs of revision REV's cvae_mnist.py (git show),
   interleaved with this one's;
 - the import and graph-build times, and the peak memory of a real default run.
-Last lines: `train/matmul ratio` (float32) and `bfloat16/float32 epoch speed`.
+Last lines: `train/matmul ratio` (float32), `IWAE K = 5/ELBO epoch speed` and
+`bfloat16/float32 epoch speed`.
 
 This machine's speed drifts from minute to minute (other work on the host), so every
 measurement gets one timed window per round, and each ratio is the median over rounds of the
@@ -259,7 +261,9 @@ def main(against=None):
 
     epoch, g, sess = training_runner(cm, cfg, data)
     bf16_epoch = training_runner(cm, cm.Config(precision="bfloat16"), data)[0]
-    runners = {"train": epoch, "bf16": bf16_epoch}
+    iwae_epoch = training_runner(cm, cm.Config(precision="float32", objective="iwae",
+                                               train_samples=5), data)[0]
+    runners = {"train": epoch, "bf16": bf16_epoch, "iwae5": iwae_epoch}
     if against:                             # that revision's own defaults, float32 then
         old = revision(against, tempfile.mkdtemp())
         runners["old"] = training_runner(old, old.Config(), data)[0]
@@ -279,7 +283,8 @@ def main(against=None):
               "terms": "plain-TF step: + the ELBO's terms (Bernoulli, KL)",
               "adam": "plain-TF step: + Adam (the real step's maths, data in memory)",
               "bf16_ceiling": "bfloat16 matmul ceiling: the same multiplies, bfloat16",
-              "bf16": "train_epoch in bfloat16 (PRECISION = 'bfloat16')"}
+              "bf16": "train_epoch in bfloat16 (PRECISION = 'bfloat16')",
+              "iwae5": "train_epoch of the IWAE bound, K = 5, float32"}
     if against:
         labels["old"] = f"train_epoch of revision {against}, float32"
     train = report("training", "steps/s", rates, "ceiling", labels)
@@ -299,11 +304,12 @@ def main(against=None):
     print(f"evaluation/matmul ratio: {evals['eval']:.2f}")
     print(f"peak memory of a default run: {peak:.0f} MB")
     within = {name: np.median(np.array(rates[name]) / np.array(rates["train"]))
-              for name in ("bf16", "old") if name in rates}
+              for name in ("bf16", "old", "iwae5") if name in rates}
     print(f"bfloat16/float32 matmul ceiling: {train['bf16_ceiling']:.2f}")
     if against:
         print(f"{against}/this float32 epoch speed: {within['old']:.2f}")
     print(f"train/matmul ratio: {train['train']:.2f}")
+    print(f"IWAE K = 5/ELBO epoch speed: {within['iwae5']:.2f}")
     print(f"bfloat16/float32 epoch speed: {within['bf16']:.2f}")
 
 
