@@ -228,7 +228,7 @@ def iwae(x, y, cfg, seed):
     recon = binary_log_likelihood(decoder(z, y, cfg), x)                         # [K, B]
     # q with its parameters held: the encoder's gradient reaches log w through z alone
     held = tfd.Independent(tfd.Normal(tf.stop_gradient(q.mean()), tf.stop_gradient(q.stddev())), 1)
-    log_q_minus_prior = q.log_prob(z) - prior(cfg).log_prob(z)  # plain IWAE: q's params not held
+    log_q_minus_prior = held.log_prob(z) - prior(cfg).log_prob(z)                # [K, B]
     log_w = recon - log_q_minus_prior
     bound = tf.reduce_logsumexp(log_w, 0) - tf.math.log(float(cfg.train_samples))
     weights = tf.stop_gradient(tf.nn.softmax(log_w, 0))                          # w~ [K, B]
@@ -246,7 +246,7 @@ def training_objective(x, y, cfg, seed):
         terms = {name: tf.reduce_mean(value) for name, value in iwae(x, y, cfg, seed).items()}
         logged = dict(iwae=terms["iwae"], recon=terms["recon"], kl=terms["kl"])
         return dict(logged=logged, bound="iwae",
-                    losses={"": -terms["iwae"]})  # plain IWAE gradient for all variables
+                    losses={"decoder": -terms["iwae"], "encoder": -terms["dreg"]})
     logged = {name: tf.reduce_mean(value) for name, value in elbo(x, y, cfg, seed).items()}
     return dict(logged=logged, bound="elbo", losses={"": -logged["elbo"]})
 
