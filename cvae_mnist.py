@@ -1056,6 +1056,7 @@ def note_changed_settings(g, cfg, done):
     """Names, in one line, each setting that shapes training and differs from the checkpoint's,
     old -> new; settings.json keeps them, with the epoch from which they hold."""
     saved = _read_json(_paths(cfg)["settings"])
+    saved.setdefault("objective", "elbo")     # runs from before OBJECTIVE trained the ELBO
     old = {name: saved[name] for name in TRAINING_SETTINGS if name in saved}
     old["precision"] = saved.get("trained_in", g.precision)
     new = {name: getattr(cfg, name) for name in TRAINING_SETTINGS}

@@ -146,6 +146,28 @@ def test_resuming_with_another_learning_rate_names_it_and_keeps_it(small_data_di
     assert "changed settings" not in out          # threads and evaluation settings: not named
 
 
+def test_resuming_with_another_objective_names_it_and_logs_the_new_bound(small_data_dir,
+                                                                        tmp_path):
+    run_main(small_config(small_data_dir, tmp_path, epochs=1))
+    path = tmp_path / "checkpoints" / "settings.json"
+    older = json.loads(path.read_text())
+    del older["objective"]             # as an earlier version wrote it: it trained the ELBO
+    path.write_text(json.dumps(older))
+    rows, out = run_main(small_config(small_data_dir, tmp_path, epochs=2, objective="iwae",
+                                      train_samples=2))
+    assert out.splitlines()[0] == ("Resuming at epoch 2 with changed settings (epochs 1..1 had "
+                                   "the old): OBJECTIVE 'elbo' -> 'iwae', TRAIN_SAMPLES 1 -> 2")
+    assert "by the IWAE bound" in out.splitlines()[1]
+    assert re.search(r"^Epoch 2 \(.*\): IWAE bound \(K = 2\) = ", out, re.M)
+    # metrics.csv keeps both bounds' columns, each empty in the other objective's rows
+    assert rows[0]["train_iwae"] is None and rows[1]["train_elbo"] is None
+    assert np.isfinite(rows[1]["train_iwae"]) and np.isfinite(rows[0]["train_elbo"])
+    settings = json.loads(path.read_text())
+    assert settings["objective"] == "iwae"
+    assert settings["changes"] == [dict(epoch=2, settings=dict(objective=["elbo", "iwae"],
+                                                                train_samples=[1, 2]))]
+
+
 @pytest.mark.parametrize("value", ["float16", "bf16", None])
 def test_other_precisions_are_refused(tmp_path, value):
     with pytest.raises(cm.UserError, match=re.escape(
