@@ -220,9 +220,10 @@ def elbo(x, y, cfg, seed):
 def iwae(x, y, cfg, seed):
     """The importance-weighted bound (Burda et al. 2015) of x [B, 784], y [B] with K =
     TRAIN_SAMPLES draws z_k ~ q(z|x,y): iwae [B] = log 1/K sum_k w_k, w_k = p(x|z_k,y) p(z_k) /
-    q(z_k|x,y) <= log p(x|y); the ELBO's terms on the same draws, recon and kl [B] (means over
-    k); and dreg [B], whose gradient is the encoder's doubly reparameterized one (Tucker et al.
-    2018): sum_k w~_k^2 d log w_k / dz_k dz_k / dphi, w~ the normalized weights, held."""
+    q(z_k|x,y), whose mean is <= log p(x|y) (the VAE's log p(x)); the ELBO's terms on the same
+    draws, recon and kl [B] (means over k); and dreg [B], whose gradient is the encoder's doubly
+    reparameterized one (Tucker et al. 2018): sum_k w~_k^2 d log w_k / dz_k dz_k / dphi, w~ the
+    normalized weights, held."""
     q = encoder(x, y, cfg)
     z = q.sample(cfg.train_samples, seed=seed)                                   # [K, B, Z]
     recon = binary_log_likelihood(decoder(z, y, cfg), x)                         # [K, B]
@@ -248,7 +249,7 @@ def training_objective(x, y, cfg, seed):
         return dict(logged=logged, bound="iwae",
                     losses={"decoder": -terms["iwae"], "encoder": -terms["dreg"]})
     logged = {name: tf.reduce_mean(value) for name, value in elbo(x, y, cfg, seed).items()}
-    return dict(logged=logged, bound="elbo", losses={"": -logged["elbo"]})
+    return dict(logged=logged, bound="elbo", losses={"": -logged["elbo"]})   # "": every scope
 
 
 def log_likelihood(x, y, cfg, n_samples, seed):
@@ -792,8 +793,10 @@ def adam_with_weight_average(losses, cfg):
     adam = tf.train.AdamOptimizer(cfg.learning_rate)
     gradients = []
     for scope, loss in losses.items():
-        # GATE_GRAPH: every gradient computed before any update, and none for the data x (the
-        # default, GATE_OP, holds both gradients of each multiply: x's too, computed and dropped)
+        # GATE_GRAPH: all of a loss's gradients computed before any is applied, and none for the
+        # data x (GATE_OP, the default, holds both gradients of each multiply: x's too, computed
+        # and dropped). Another loss's gradient may follow an update: it reads the weights its
+        # forward pass read (an update of a resource variable still read copies it first).
         gradients += adam.compute_gradients(loss, tf.trainable_variables(scope),
                                             gate_gradients=tf.train.Optimizer.GATE_GRAPH)
     train_op = adam.apply_gradients(gradients, step)

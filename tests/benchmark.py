@@ -173,8 +173,8 @@ def plain_likelihood(cm, cfg):
 
 
 def training_runner(cm, cfg, data):
-    """A callable that trains one whole epoch with cm.train_epoch (epochs 1, 2, ... in
-    turn), and its graph and session. cm may be another revision of cvae_mnist."""
+    """{epoch: a callable that trains one whole epoch with cm.train_epoch (epochs 1, 2, ... in
+    turn), g: its graph, sess: its session}. cm may be another revision of cvae_mnist."""
     g = cm.build_graph(cfg)
     sess = session(cm, cfg, g.graph, g.init)
     if hasattr(g, "load_data"):      # a revision from before the Graph dataclass
@@ -183,7 +183,7 @@ def training_runner(cm, cfg, data):
         sess.run(g.data.load, {g.data.x_all: data["x_train"], g.data.y_all: data["y_train"]})
     n = len(data["x_train"])
     epoch = iter(range(1, 10 ** 6))
-    return lambda: cm.train_epoch(sess, g, cfg, next(epoch), n), g, sess
+    return dict(epoch=lambda: cm.train_epoch(sess, g, cfg, next(epoch), n), g=g, sess=sess)
 
 
 def evaluation_runner(cm, cfg, g, sess, x, y):
@@ -259,14 +259,14 @@ def main(against=None):
     cm.build_graph(cfg)
     print(f"import: {imported:.2f}s, graph build: {time.perf_counter() - start:.2f}s")
 
-    epoch, g, sess = training_runner(cm, cfg, data)
-    bf16_epoch = training_runner(cm, cm.Config(precision="bfloat16"), data)[0]
-    iwae_epoch = training_runner(cm, cm.Config(precision="float32", objective="iwae",
-                                               train_samples=5), data)[0]
-    runners = {"train": epoch, "bf16": bf16_epoch, "iwae5": iwae_epoch}
+    default = training_runner(cm, cfg, data)
+    bf16 = training_runner(cm, cm.Config(precision="bfloat16"), data)
+    iwae5 = training_runner(cm, cm.Config(precision="float32", objective="iwae", train_samples=5),
+                            data)
+    runners = {"train": default["epoch"], "bf16": bf16["epoch"], "iwae5": iwae5["epoch"]}
     if against:                             # that revision's own defaults, float32 then
         old = revision(against, tempfile.mkdtemp())
-        runners["old"] = training_runner(old, old.Config(), data)[0]
+        runners["old"] = training_runner(old, old.Config(), data)["epoch"]
     for run in runners.values():
         run()                                           # a warm-up epoch each, untimed
     steps = len(data["x_train"]) // cfg.batch_size
@@ -292,11 +292,12 @@ def main(against=None):
     x_test = cm.binarize(data["x_test"][:200], 0)
     units = cfg.test_batch_size * cfg.ll_samples
     rates_eval = interleaved({
-        "eval": (evaluation_runner(cm, cfg, g, sess, x_test, data["y_test"][:200]), units, 10),
+        "eval": (evaluation_runner(cm, cfg, default["g"], default["sess"], x_test,
+                                   data["y_test"][:200]), units, 10),
         "ceiling": (matmul_ceiling(cm, cfg, cfg.test_batch_size, backward=False,
                                    decoder_rows=units), units, 10),
         "likelihood": (plain_likelihood(cm, cfg), units, 10)})
-    sess.close()
+    default["sess"].close()
     evals = report("evaluation", "digit-samples/s", rates_eval, "ceiling", {
         "ceiling": "forward matmul ceiling",
         "eval": "cvae_mnist log_likelihood, LL_SAMPLES samples per digit",

@@ -430,7 +430,10 @@ def test_the_iwae_step_gives_the_decoder_the_bound_s_gradient_and_the_encoder_dr
     bound is sum_k w~_k d log p(x|z_k,y)/dtheta / B; the encoder's, DReG's, is sum_k w~_k^2
     (d log w_k / dz_k) dz_k/dphi / B, with q's parameters held in log w (Tucker et al. 2018,
     eq. 7). Catches w~ in place of w~^2 (the biased path estimator), weights that carry a
-    gradient, or the bound's own gradient reaching the encoder."""
+    gradient, or the bound's own gradient reaching the encoder. Then one step of the real
+    optimizer moves every weight against the sign of its network's gradient (Adam's first step
+    is -lr g / (|g| + eps'), eps' ~ 3e-7: the sign of g), which catches a loss paired with the
+    other network's variables too."""
     cfg = tiny(objective="iwae", train_samples=5)
     seed, n = [5, 6], len(batch[1])
     g = tf.Graph()
@@ -447,13 +450,23 @@ def test_the_iwae_step_gives_the_decoder_the_bound_s_gradient_and_the_encoder_dr
         log_w = recon + cm.prior(cfg).log_prob(z) - held.log_prob(z)
         dlogw_dz = tf.gradients(tf.reduce_sum(log_w), z)[0]              # [K, B, Z]
         w_dec, w_enc = tf.placeholder(tf.float32, [5, n]), tf.placeholder(tf.float32, [5, n, 4])
-        want = tf.gradients(recon, dec, grad_ys=w_dec) + tf.gradients(z, enc, grad_ys=w_enc)
+        by_hand = tf.gradients(recon, dec, grad_ys=w_dec) + tf.gradients(z, enc, grad_ys=w_enc)
+        step, _ = cm.adam_with_weight_average(losses, dataclasses.replace(cfg, ema_decay=0.0))
         with tf.Session() as sess:
             sess.run(tf.global_variables_initializer())
             got, log_w, dlogw_dz = sess.run([ours, log_w, dlogw_dz])
             w = np.exp(log_w - log_w.max(0))
             w /= w.sum(0)                                                # w~ [K, B]
-            want = sess.run(want, {w_dec: -w / n, w_enc: -(w ** 2)[..., None] * dlogw_dz / n})
+            want = sess.run(by_hand, {w_dec: -w / n, w_enc: -(w ** 2)[..., None] * dlogw_dz / n})
+            path = sess.run(by_hand, {w_dec: -w / n, w_enc: -w[..., None] * dlogw_dz / n})
+            before = sess.run(dec + enc)
+            sess.run(step)
+            moved = [b - a for a, b in zip(before, sess.run(dec + enc))]
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)        # float32 sums' order
-    assert not np.allclose(w, w ** 2 / (w ** 2).sum(0))              # the square matters here
+    # w~ in place of w~^2 is outside that tolerance on this batch, so the check above can tell
+    assert not all(np.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(got, path))
+    for a, b in zip(moved, want):
+        # wherever |gradient| > 1e-5 the tolerance above keeps its sign (atol 1e-6 + rtol 1e-4)
+        sure = np.abs(b) > 1e-5
+        assert (np.sign(a[sure]) == -np.sign(b[sure])).all()
