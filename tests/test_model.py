@@ -283,6 +283,8 @@ def test_training_step_matches_the_bound_written_out(mnist, changes):
         x, eps, weights = sess.run([x, eps, weights])
     want = plain_bound({k: v.astype(np.float64) for k, v in weights.items()}, cfg,
                        x.astype(np.float64), mnist["y_train"][idx], eps.astype(np.float64))
+    # float32 against float64: tree sums over 784 pixels and 32 units, about log2(800) u =
+    # 6e-7 of each magnitude (u = 6e-8); 2e-5 leaves room for the KL, a sum of small terms
     np.testing.assert_allclose(fast, want, rtol=2e-5)
     assert fast[0] < -100                                        # an untrained model
     assert not any(weights[f"{net}/{layer}/b"].any() for net, layers in
