@@ -861,12 +861,16 @@ class Run:
     """An open run: its data, graph, session, the epochs done, and where its records go."""
     cfg: Config
     data: dict                     # prepare_data's digits
-    n_train: int                   # training digits
     g: Graph
     sess: tf.Session
     done: int                      # epochs restored from the checkpoint
     writer: object                 # the TensorBoard events writer; None when redrawing
     epoch: "int | None" = None     # the epoch under way, for a stop's message
+
+    @property
+    def n_train(self):
+        """The number of training digits."""
+        return len(self.data["x_train"])
 
     def epochs(self, last):
         """Epochs done + 1 .. last, each noted as the one under way (for a stop's message)."""
@@ -898,8 +902,7 @@ def open_run(cfg):
                 writer = None
                 if done < cfg.epochs:             # a finished run is redrawn, not recorded
                     writer = stack.enter_context(events_writer(cfg))
-                run = Run(cfg=cfg, data=data, n_train=len(data["x_train"]), g=g, sess=sess,
-                          done=done, writer=writer)
+                run = Run(cfg=cfg, data=data, g=g, sess=sess, done=done, writer=writer)
                 yield run
         except (OSError, KeyboardInterrupt) as err:  # a full disk, say; Ctrl-C or SIGTERM
             epoch = None
