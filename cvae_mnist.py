@@ -876,6 +876,8 @@ class Run:
         """Epochs done + 1 .. last, each noted as the one under way (for a stop's message)."""
         for epoch in range(self.done + 1, last + 1):
             self.epoch = epoch
+            if Terminated.received:        # its raise was lost: Python drops one in a __del__
+                raise Terminated()
             yield epoch
 
     def record(self, row, pngs):
@@ -1418,10 +1420,12 @@ class UserError(Exception):
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised by cli()'s handler to end a run as Ctrl-C does; exit code 143 (128 + 15)."""
     exit_code = 143
+    received = False     # since cli() took SIGTERM: the run checks it again at each epoch
 
     @staticmethod
     def handler(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)   # a second one must not cut the clean-up
+        Terminated.received = True
         raise Terminated()
 
 
@@ -1506,6 +1510,7 @@ def cli(cfg=None):
     failure; SIGTERM stops it as Ctrl-C does."""
     try:
         previous = signal.signal(signal.SIGTERM, Terminated.handler)
+        Terminated.received = False
     except ValueError:          # not the main thread: signals are not ours to take
         previous = False
     try:

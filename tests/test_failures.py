@@ -206,6 +206,21 @@ def test_sigterm_stops_like_ctrl_c_with_exit_143_and_resumes(small_data_dir, tmp
     assert [r["epoch"] for r in rows] == list(range(1, saved + 2))
 
 
+def test_a_sigterm_whose_raise_python_dropped_stops_the_run_at_the_next_epoch():
+    """Python drops an exception raised while a __del__ runs (TensorFlow's objects have them):
+    the handler's raise can be lost, and the run must stop all the same."""
+    run = cm.Run(cfg=None, data={}, g=None, sess=None, done=2, writer=None)
+    epochs = run.epochs(5)
+    assert next(epochs) == 3
+    cm.Terminated.received = True          # the handler ran; its raise did not arrive
+    try:
+        with pytest.raises(cm.Terminated):
+            next(epochs)
+        assert run.epoch == 4               # the epoch the stop's line names
+    finally:
+        cm.Terminated.received = False
+
+
 def test_sigterm_handler_is_installed_by_cli_only_and_put_back(small_data_dir, tmp_path):
     assert signal.getsignal(signal.SIGTERM) is not cm.Terminated.handler   # not at import
     before = signal.getsignal(signal.SIGTERM)
