@@ -8,7 +8,6 @@ Bayes classifier. CONDITIONAL = False is the seed's VAE. README.md has the deriv
 
 Run `python cvae_mnist.py` (`--help` lists the settings; `--epochs=1 --z_dim=2` sets two), or
 edit the constants below; then, from Python, `with cvae_mnist.load("results") as model: ...`.
-The science comes first; below the PLUMBING banner is what a run needs but the model does not.
 """
 import argparse, ast, contextlib, csv, dataclasses, errno, gzip, hashlib, io, json, math, os
 import pickle, re, shutil, signal, statistics, subprocess, sys, tempfile, time, zipfile
@@ -24,7 +23,7 @@ tfd = tfp.distributions
 tf.get_logger().setLevel("ERROR")                     # no deprecation notes from TF1's classes
 
 # ------------------------------------------------------------------------------------------------
-# Settings: edit these, or set them with --flags. Config (below) holds them for a run.
+# Settings: edit these, or set them with --flags. Config (under PLUMBING) holds them for a run.
 # ------------------------------------------------------------------------------------------------
 CONDITIONAL = True       # the CVAE p(x|z,y) q(z|x,y); False = the seed's VAE p(x|z) q(z|x)
 EPOCHS = 50              # passes over the 60,000 training digits
@@ -37,7 +36,6 @@ TRAIN_SAMPLES = 1        # z samples per digit in the bound's estimate (IWAE's K
 ANALYTIC_KL = True       # ELBO: closed-form KL(q||p); False = Monte-Carlo KL (ZhuSuan's sgvb)
 EMA_DECAY = 0.999        # evaluate and draw with weights averaged at this decay per step; 0 = off
 EMA_EVERY = 10           # update that average every this many steps (a tenth of the cost)
-PRECISION = "auto"       # the step's multiplies: float32, bfloat16; "auto" = bfloat16 where native
 SAVE_FREQ = 10           # write the figures every this many epochs (and after the last)
 SAMPLES_PER_CLASS = 10   # columns of the per-class sample grid
 TEST_FREQ = 10           # evaluate every this many epochs (and after the last)
@@ -59,77 +57,6 @@ MY_DIGITS = []           # image files of your own handwritten digits, for the C
 # ------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """Every setting of a run: the constants above, in lower case, are its defaults.
-    Change a run with dataclasses.replace(Config(), epochs=1) or --epochs=1."""
-    conditional: bool = CONDITIONAL
-    epochs: int = EPOCHS
-    batch_size: int = BATCH_SIZE
-    z_dim: int = Z_DIM
-    hidden_units: int = HIDDEN_UNITS
-    learning_rate: float = LEARNING_RATE
-    objective: str = OBJECTIVE
-    train_samples: int = TRAIN_SAMPLES
-    analytic_kl: bool = ANALYTIC_KL
-    ema_decay: float = EMA_DECAY
-    ema_every: int = EMA_EVERY
-    precision: str = PRECISION
-    save_freq: int = SAVE_FREQ
-    samples_per_class: int = SAMPLES_PER_CLASS
-    test_freq: int = TEST_FREQ
-    ll_samples: int = LL_SAMPLES
-    ll_samples_interim: int = LL_SAMPLES_INTERIM
-    mixture_labels: int = MIXTURE_LABELS
-    test_batch_size: int = TEST_BATCH_SIZE
-    seed: int = SEED
-    threads: int = THREADS
-    data_dir: str = DATA_DIR
-    download: bool = DOWNLOAD
-    results_dir: str = RESULTS_DIR
-    resume: bool = RESUME
-    train_limit: int = TRAIN_LIMIT
-    test_limit: int = TEST_LIMIT
-    validation: bool = VALIDATION
-    my_digits: list = dataclasses.field(default_factory=lambda: list(MY_DIGITS))
-
-
-def _whole(lo, hi=None):
-    """The rule of a whole-number setting in lo..hi: its words, and its check."""
-    if hi is None:
-        return f"a whole number >= {lo}", lambda v: type(v) is int and lo <= v
-    return f"a whole number in {lo}..{hi}", lambda v: type(v) is int and lo <= v <= hi
-
-
-def _number(words, ok):
-    """The rule of a real-number setting: an int or a float, finite, and ok(value)."""
-    return words, lambda v: type(v) in (int, float) and math.isfinite(v) and ok(v)
-
-
-FLAG = ("True or False", lambda v: type(v) is bool)
-FOLDER = ("a folder name", lambda v: isinstance(v, str) and v != "")
-# What each setting may be: the words of its error and of --help, and its check.
-RULES = dict(
-    conditional=FLAG, epochs=_whole(1), batch_size=_whole(1), z_dim=_whole(1),
-    hidden_units=_whole(1), learning_rate=_number("a number > 0", lambda v: v > 0),
-    objective=("'elbo' or 'iwae'", lambda v: v in ("elbo", "iwae")),
-    train_samples=_whole(1), analytic_kl=FLAG,
-    ema_decay=_number("in [0, 1) (0 = off)", lambda v: 0 <= v < 1), ema_every=_whole(1),
-    precision=("'float32', 'bfloat16' or 'auto'", lambda v: v in ("float32", "bfloat16", "auto")),
-    save_freq=_whole(1), samples_per_class=_whole(1), test_freq=_whole(1),
-    ll_samples=_whole(1), ll_samples_interim=_whole(1), mixture_labels=_whole(1, 10),
-    test_batch_size=_whole(1),
-    seed=_whole(0, 2 ** 31 - 1), threads=_whole(0), data_dir=FOLDER, download=FLAG,
-    results_dir=FOLDER, resume=FLAG, train_limit=_whole(0), test_limit=_whole(0),
-    validation=FLAG,
-    my_digits=("a list of image file names",
-               lambda v: isinstance(v, (list, tuple)) and all(isinstance(p, str) for p in v)))
-# The settings that make a checkpoint's model what it is: a resumed run must match them.
-MODEL_SETTINGS = ["conditional", "z_dim", "hidden_units", "ema_decay", "ema_every", "validation"]
-# The settings that shape training: a resumed run may change them, and says so.
-TRAINING_SETTINGS = ["learning_rate", "batch_size", "objective", "train_samples", "analytic_kl",
-                     "seed", "train_limit"]
-
 IMAGE_SIDE, X_DIM, N_CLASSES = 28, 28 * 28, 10  # MNIST digits: 28 x 28 (784 flat), classes 0..9
 # Every use of randomness has its own stream, keyed by (SEED, stream, index): the order, the
 # binarization and the z noise of each epoch, each evaluation pass, the figures' and the API's z.
@@ -143,12 +70,11 @@ VALIDATION_SIZE = 10000          # digits held out by VALIDATION = True, the las
 
 # ---- The model: the priors, the encoder and decoder, the bound, the importance sampler ---------
 def _dense(h, units, name, activation=None):
-    """h [N, D] -> [N, units], its variables made once in the enclosing scope (Glorot-uniform
-    weights, zero biases: the seed's)."""
+    """h [N, D] -> [N, units], its variables made once per scope, initialized as the seed's."""
     w = tf.get_variable(f"{name}/w", [h.shape[-1], units],
                         initializer=tf.glorot_uniform_initializer())
     b = tf.get_variable(f"{name}/b", [units], initializer=tf.zeros_initializer())
-    out = tf.nn.bias_add(matmul(h, w), b)
+    out = tf.nn.bias_add(tf.matmul(h, w), b)
     if activation is None:
         return out
     return activation(out)
@@ -263,14 +189,41 @@ def log_likelihood(x, y, cfg, n_samples, seed):
     return dict(log_px=log_px, elbo=recon[0] - tfd.kl_divergence(q, prior(cfg)))
 
 
+# ---- The optimizer: Adam on each loss; evaluate and draw with the weights' average -------------
+def adam_with_weight_average(losses, cfg):
+    """Adam on each loss of losses {variable scope: loss} for the variables under its scope,
+    and the weights' exponential moving average (EMA_DECAY per step, updated every EMA_EVERY
+    steps in one op of decay^EMA_EVERY: a tenth of the cost): the step op, and a custom getter
+    that reads the averages (None without EMA)."""
+    step = tf.train.get_or_create_global_step()
+    adam = tf.train.AdamOptimizer(cfg.learning_rate)
+    gradients = []
+    for scope, loss in losses.items():
+        # GATE_GRAPH: all of a loss's gradients computed before any is applied, and none for the
+        # data x (GATE_OP, the default, holds both gradients of each multiply: x's too, computed
+        # and dropped). Another loss's gradient may follow an update: it reads the weights its
+        # forward pass read (an update of a resource variable still read copies it first).
+        gradients += adam.compute_gradients(loss, tf.trainable_variables(scope),
+                                            gate_gradients=tf.train.Optimizer.GATE_GRAPH)
+    train_op = adam.apply_gradients(gradients, step)
+    if not cfg.ema_decay:
+        return train_op, None
+    with tf.control_dependencies([train_op]):   # the step counted from 1, read after its update
+        done = step.read_value()
+    # num_updates caps the decay at (1 + n) / (10 + n): n must be read after the update too
+    ema = tf.train.ExponentialMovingAverage(cfg.ema_decay ** cfg.ema_every,
+                                            num_updates=done // cfg.ema_every)
+    step_op = tf.cond(tf.equal(done % cfg.ema_every, 0),
+                      lambda: ema.apply(tf.trainable_variables()), tf.no_op)
+    return step_op, lambda getter, *args, **kwargs: ema.average(getter(*args, **kwargs))
+
+
 # ---- The graph: the training step; the evaluation and figures, on the averaged weights ---------
 @dataclasses.dataclass(frozen=True)
 class Graph:
     """The tensors and ops of a run, by name, in their own tf.Graph."""
     graph: tf.Graph
     session_config: tf.ConfigProto
-    precision: str                 # the training step's multiplies: "float32" or "bfloat16"
-    precision_why: str
     data: "TrainingSet"            # the training set staged in the graph (see PLUMBING)
     epoch_key: tf.Tensor           # [2] the stateless key of an epoch's draws: random_key
     batch_in_epoch: tf.Tensor      # [] the step within the epoch
@@ -295,7 +248,6 @@ class Graph:
 def build_graph(cfg):
     """Every op of a run in a fresh tf.Graph: a Graph."""
     graph = tf.Graph()
-    precision, precision_why = training_precision(cfg.precision)
     with graph.as_default():
         tf.set_random_seed(cfg.seed)  # initial weights; every other draw is stateless
         epoch_key = tf.placeholder(tf.int32, [2], "epoch_key")
@@ -303,8 +255,7 @@ def build_graph(cfg):
         data_key, noise_key = tf.unstack(tf.random.experimental.stateless_split(epoch_key, 2))
         data = stage_training_set(cfg, data_key, batch_in_epoch)     # x [B, 784], y [B]
         noise = tf.random.experimental.stateless_fold_in(noise_key, batch_in_epoch)
-        with multiplies_in(precision):
-            objective = training_objective(data.x, data.y, cfg, noise)
+        objective = training_objective(data.x, data.y, cfg, noise)
         train_op, averaged = adam_with_weight_average(objective["losses"], cfg)
         log_prior = tf.get_variable("log_prior", [N_CLASSES], trainable=False,
                                     initializer=tf.zeros_initializer())
@@ -322,7 +273,7 @@ def build_graph(cfg):
             graph=graph, session_config=tf.ConfigProto(   # THREADS = 0: one per core
                 intra_op_parallelism_threads=cfg.threads,
                 inter_op_parallelism_threads=cfg.threads),
-            precision=precision, precision_why=precision_why, data=data, epoch_key=epoch_key,
+            data=data, epoch_key=epoch_key,
             batch_in_epoch=batch_in_epoch, stats=objective["logged"], bound=objective["bound"],
             train_op=train_op, log_prior=log_prior, x_in=x_in, y_in=y_in, k_in=k_in,
             seed_in=seed_in, z_in=z_in, log_px=test["log_px"], test_elbo=test["elbo"],
@@ -331,8 +282,11 @@ def build_graph(cfg):
 
 
 # ---- The run: train, log, evaluate, draw, record -----------------------------------------------
-def main(cfg=Config()):
-    """Trains, resumes, or redraws a finished run: metrics.csv's rows, or a one-line UserError."""
+def main(cfg=None):
+    """Trains, resumes, or redraws a finished run (cfg: a Config, by default the constants'):
+    metrics.csv's rows, or a one-line UserError."""
+    if cfg is None:
+        cfg = Config()
     validate_config(cfg)
     my_digits = {path: digit_from_image(path) for path in cfg.my_digits}  # bad ones fail first
     with open_run(cfg) as run:        # the lock, the data, the graph, a session, the checkpoint
@@ -374,7 +328,7 @@ def train_epoch(sess, g, cfg, epoch, n_train):
 
 
 def start_line(run, cfg):
-    """The first line of a run: what is trained, on what, for which epochs, in which precision."""
+    """The first line of a run: what is trained, on what, for which epochs."""
     model = "VAE p(x|z) q(z|x)"
     if cfg.conditional:
         model = "CVAE p(x|z,y) q(z|x,y)"
@@ -382,9 +336,9 @@ def start_line(run, cfg):
         model += " by the IWAE bound (ANALYTIC_KL is the ELBO's, unused)"
     n = run.n_train
     return (f"Training the {model} on {n} digits, {n // cfg.batch_size} steps per epoch, epochs "
-            f"{run.done + 1}..{cfg.epochs}, multiplies in {run.g.precision} "
-            f"({run.g.precision_why}), evaluating on {len(run.data['x_eval'])} "
-            f"{_set_name(cfg)} digits; results in {_shown(cfg.results_dir)}/")
+            f"{run.done + 1}..{cfg.epochs}, evaluating on "
+            f"{_count(len(run.data['x_eval']), _set_name(cfg) + ' digit')}; "
+            f"results in {_shown(cfg.results_dir)}/")
 
 
 def epoch_line(g, cfg, row):
@@ -416,9 +370,11 @@ def evaluation_lines(cfg, row):
                               "centroid in z", "{:.4f}")]:
         if row.get(key) is not None:
             lines.append(f">> {name.capitalize()} {words} = " + form.format(row[key]))
-    lines.append(f">> Active units = {row['active_units']} of {cfg.z_dim}")
-    lines.append(f">> ({row['eval_digits']} {name} digits, {row['ll_samples']} importance "
-                 f"samples each, {row['eval_seconds']:.1f}s)")
+    if row["active_units"] is not None:
+        lines.append(f">> Active units = {row['active_units']} of {cfg.z_dim}")
+    digits = _count(row["eval_digits"], f"{name} digit")
+    lines.append(f">> ({digits}, {row['ll_samples']} importance samples each, "
+                 f"{row['eval_seconds']:.1f}s)")
     return "\n".join(lines)
 
 
@@ -443,17 +399,24 @@ def evaluate(sess, g, cfg, x, y, last):
     est = importance_sampled(sess, g, cfg, x, y, n_samples, STREAM_EVAL)
     means = _encode(sess, g, x, y)                                # E_q[z|x,y] [N, Z]
     out = dict(eval_set=_set_name(cfg), eval_digits=len(x), eval_elbo=est["elbo"].mean(),
-               ll_samples=n_samples, active_units=int((means.var(0) > 0.01).sum()),
-               eval_centroid_accuracy=centroid_accuracy(means, y))
+               ll_samples=n_samples, active_units=None, eval_centroid_accuracy=None)
+    if len(x) > 1:       # both need two digits: a variance; a centroid and a digit to score
+        # the active units: the z coordinates whose E_q[z|x,y] varies (Burda et al. 2015)
+        out["active_units"] = int((means.var(0) > 0.01).sum())
+        out["eval_centroid_accuracy"] = centroid_accuracy(means, y)
     if cfg.conditional:
         out["eval_log_px_y"] = est["log_px"].mean()
     else:
         out["eval_log_px"] = est["log_px"].mean()
     if cfg.conditional and last:
-        joint = label_scores(sess, g, cfg, x, sess.run(g.log_prior),
-                             true_labels=y, their_log_px=est["log_px"])
-        out["eval_log_px"] = np.logaddexp.reduce(joint, 1).mean()   # log sum_y p(y) p(x|y)
-        out["eval_accuracy"] = (joint.argmax(1) == y).mean()        # argmax_y p(y|x)
+        log_prior = sess.run(g.log_prior)
+        # the Bayes classifier argmax_y p(y|x) as Model.classify computes it, blind to y
+        joint = label_scores(sess, g, cfg, x, log_prior, known=(y, est["log_px"]))
+        out["eval_accuracy"] = (joint.argmax(1) == y).mean()
+        # log p(x) = log sum_y p(y) p(x|y) with the true label's full estimate, refined or not:
+        # a better estimate of one term only tightens the bound
+        joint[np.arange(len(x)), y] = log_prior[y] + est["log_px"]
+        out["eval_log_px"] = np.logaddexp.reduce(joint, 1).mean()
     out["eval_seconds"] = time.time() - start
     return out
 
@@ -472,27 +435,26 @@ def importance_sampled(sess, g, cfg, x, y, n_samples, stream):
     return out
 
 
-def label_scores(sess, g, cfg, x, log_prior, true_labels=None, their_log_px=None):
-    """log p(y') + log p(x|y') [N, 10] for every label y' of x [N, 784]: a cheap pass over all
-    ten labels with LL_SAMPLES / CHEAP_SHARE samples, then LL_SAMPLES for each digit's
-    MIXTURE_LABELS best; given true_labels [N] and their estimates their_log_px [N] (both or
-    neither), the true label and the MIXTURE_LABELS - 1 best others. So the cost is bounded
-    whatever the model; the labels left with the cheap estimate (biased low) are nats below
-    the best after training, and add little to the sum."""
+def label_scores(sess, g, cfg, x, log_prior, known=None):
+    """log p(y') + log p(x|y') [N, 10] for every label y' of x [N, 784]: a cheap pass with
+    LL_SAMPLES / CHEAP_SHARE samples, then LL_SAMPLES for each digit's MIXTURE_LABELS best by the
+    cheap pass, chosen without its label, as a classifier must. known = (labels [N], log_px [N]),
+    a full estimate made already for one label of each digit, is reused where that label is among
+    the best. So the cost is bounded whatever the model; the labels left with the cheap estimate
+    (biased low) are nats below the best after training, and add little to the sum."""
     n = len(x)
-    rows = np.arange(n)
     log_px = importance_sampled(sess, g, cfg, np.repeat(x, N_CLASSES, 0),
                                 np.tile(np.arange(N_CLASSES), n),
                                 max(1, cfg.ll_samples // CHEAP_SHARE),
                                 STREAM_MIXTURE)["log_px"].reshape(n, N_CLASSES)
-    cheap_score = log_prior + log_px
-    if true_labels is not None:
-        cheap_score[rows, true_labels] = np.inf            # known already: sorts first
-    best = np.argsort(-cheap_score, 1)[:, :cfg.mixture_labels]    # [N, MIXTURE_LABELS]
-    if true_labels is not None:
-        log_px[rows, true_labels] = their_log_px
-        best = best[:, 1:]                                  # the true label, first, is done
-    digit, label = np.repeat(rows, best.shape[1]), best.ravel()
+    best = np.argsort(-(log_prior + log_px), 1)[:, :cfg.mixture_labels]   # [N, MIXTURE_LABELS]
+    digit = np.repeat(np.arange(n), cfg.mixture_labels)
+    label = best.ravel()
+    if known is not None:
+        known_labels, known_log_px = known
+        reused = label == known_labels[digit]
+        log_px[digit[reused], label[reused]] = known_log_px[digit[reused]]
+        digit, label = digit[~reused], label[~reused]
     log_px[digit, label] = importance_sampled(sess, g, cfg, x[digit], label, cfg.ll_samples,
                                               STREAM_REFINE)["log_px"]
     return log_prior + log_px
@@ -506,8 +468,8 @@ def posterior(sess, g, cfg, x):
 
 def centroid_accuracy(means, y):
     """How often the nearest class centroid of E_q[z|x,y] [N, Z] names the class y [N]: the
-    centroids from the even-numbered digits, scored on the odd ones. High for the VAE, whose z
-    must carry the class; near chance for the CVAE, whose label does."""
+    centroids from the even-numbered digits, scored on the odd ones (two digits or more).
+    High for the VAE, whose z must carry the class; near chance for the CVAE, whose label does."""
     classes = np.unique(y[::2])
     centroids = np.stack([means[::2][y[::2] == k].mean(0) for k in classes])
     nearest = classes[((means[1::2, None] - centroids) ** 2).sum(-1).argmin(1)]
@@ -640,12 +602,14 @@ def latent_image(means, y, cfg):
 
 
 def save_figures(sess, g, cfg, epoch, data, my_digits):
-    """Writes each figure of `epoch` as NAME.epoch.EPOCH.png, and after the last epoch
-    my_digits.png; returns the PNGs."""
+    """Writes the figures of `epoch`, and after the last epoch my_digits.png; returns the PNGs."""
     images = {name: tile_grid(tiles) for name, tiles in
               digit_grids(sess, g, cfg, data["x_figures"], data["y_figures"]).items()}
     means = _encode(sess, g, data["x_eval"], data["y_eval"])
-    images[f"{_model_name(cfg)}_latent"] = latent_image(means, data["y_eval"], cfg)
+    if len(means) > 1:
+        images[f"{_model_name(cfg)}_latent"] = latent_image(means, data["y_eval"], cfg)
+    else:
+        print(f"The latent picture needs two {_set_name(cfg)} digits or more: not drawn")
     if cfg.z_dim == 2:
         images["manifold"] = manifold_image(sess, g, cfg)
     pngs = {name: save_png(image, os.path.join(cfg.results_dir, f"{name}.epoch.{epoch}.png"))
@@ -679,7 +643,7 @@ class Model(contextlib.AbstractContextManager):
 
     def __init__(self, results_dir):
         saved = _read_json(os.path.join(results_dir, "checkpoints", "settings.json"))
-        self.cfg = dataclasses.replace(Config(), results_dir=results_dir, precision="float32",
+        self.cfg = dataclasses.replace(Config(), results_dir=results_dir,
                                        **{k: saved[k] for k in MODEL_SETTINGS if k in saved})
         self.g = build_graph(self.cfg)
         self.sess = tf.Session(graph=self.g.graph, config=self.g.session_config)
@@ -736,18 +700,88 @@ load = Model   # with cvae_mnist.load("results") as model: sevens = model.sample
 
 
 # ================================================================================================
-# PLUMBING: what a run needs and the model does not: speed, records and checkpoints, the lock,
-# data fetching and checks, errors, signals, the command line. Nothing below is needed to
-# understand the CVAE or to change its model or objective. The science calls four speed helpers
-# from here; read matmul(h, w) as h @ w, multiplies_in as nothing, stage_training_set as a batch
-# of binarized training digits, and adam_with_weight_average as Adam.
+# PLUMBING: what a run needs and the model does not: the settings' rules, the staged training set,
+# records and checkpoints, the lock, data fetching and checks, errors, signals, the command line.
+# Nothing below is needed to change the model, the objective or the optimizer. The science calls
+# one speed helper from here: read stage_training_set as a batch of binarized digits.
 # ================================================================================================
 
-# ---- Speed: the staged training set, bfloat16 multiplies, the weight average's cadence ---------
+# ---- Settings: Config holds the constants for a run; RULES say what each may be ---------------
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every setting of a run: the constants above, in lower case, are its defaults.
+    Change a run with dataclasses.replace(Config(), epochs=1) or --epochs=1."""
+    conditional: bool = CONDITIONAL
+    epochs: int = EPOCHS
+    batch_size: int = BATCH_SIZE
+    z_dim: int = Z_DIM
+    hidden_units: int = HIDDEN_UNITS
+    learning_rate: float = LEARNING_RATE
+    objective: str = OBJECTIVE
+    train_samples: int = TRAIN_SAMPLES
+    analytic_kl: bool = ANALYTIC_KL
+    ema_decay: float = EMA_DECAY
+    ema_every: int = EMA_EVERY
+    save_freq: int = SAVE_FREQ
+    samples_per_class: int = SAMPLES_PER_CLASS
+    test_freq: int = TEST_FREQ
+    ll_samples: int = LL_SAMPLES
+    ll_samples_interim: int = LL_SAMPLES_INTERIM
+    mixture_labels: int = MIXTURE_LABELS
+    test_batch_size: int = TEST_BATCH_SIZE
+    seed: int = SEED
+    threads: int = THREADS
+    data_dir: str = DATA_DIR
+    download: bool = DOWNLOAD
+    results_dir: str = RESULTS_DIR
+    resume: bool = RESUME
+    train_limit: int = TRAIN_LIMIT
+    test_limit: int = TEST_LIMIT
+    validation: bool = VALIDATION
+    my_digits: list = dataclasses.field(default_factory=lambda: list(MY_DIGITS))
+
+
+def _whole(lo, hi=None):
+    """The rule of a whole-number setting in lo..hi: its words, and its check."""
+    if hi is None:
+        return f"a whole number >= {lo}", lambda v: type(v) is int and lo <= v
+    return f"a whole number in {lo}..{hi}", lambda v: type(v) is int and lo <= v <= hi
+
+
+def _number(words, ok):
+    """The rule of a real-number setting: an int or a float, finite, and ok(value)."""
+    return words, lambda v: type(v) in (int, float) and math.isfinite(v) and ok(v)
+
+
+FLAG = ("True or False", lambda v: type(v) is bool)
+FOLDER = ("a folder name", lambda v: isinstance(v, str) and v != "")
+# What each setting may be: the words of its error and of --help, and its check.
+RULES = dict(
+    conditional=FLAG, epochs=_whole(1), batch_size=_whole(1), z_dim=_whole(1),
+    hidden_units=_whole(1), learning_rate=_number("a number > 0", lambda v: v > 0),
+    objective=("'elbo' or 'iwae'", lambda v: v in ("elbo", "iwae")),
+    train_samples=_whole(1), analytic_kl=FLAG,
+    ema_decay=_number("in [0, 1) (0 = off)", lambda v: 0 <= v < 1), ema_every=_whole(1),
+    save_freq=_whole(1), samples_per_class=_whole(1), test_freq=_whole(1),
+    ll_samples=_whole(1), ll_samples_interim=_whole(1), mixture_labels=_whole(1, 10),
+    test_batch_size=_whole(1),
+    seed=_whole(0, 2 ** 31 - 1), threads=_whole(0), data_dir=FOLDER, download=FLAG,
+    results_dir=FOLDER, resume=FLAG, train_limit=_whole(0), test_limit=_whole(0),
+    validation=FLAG,
+    my_digits=("a list of image file names",
+               lambda v: isinstance(v, (list, tuple)) and all(isinstance(p, str) for p in v)))
+# The settings that make a checkpoint's model what it is: a resumed run must match them.
+MODEL_SETTINGS = ["conditional", "z_dim", "hidden_units", "ema_decay", "ema_every", "validation"]
+# The settings that shape training: a resumed run may change them, and says so.
+TRAINING_SETTINGS = ["learning_rate", "batch_size", "objective", "train_samples", "analytic_kl",
+                     "seed", "train_limit"]
+
+
+# ---- Speed: the training set staged in the graph -----------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class TrainingSet:
     """The training digits kept in the graph and staged once an epoch (binarized and put in
-    order in one pass), so that a step only slices them (README, Precision, says how much)."""
+    order in one pass), so that a step only slices them, with no feed."""
     x_all: tf.Tensor         # placeholders [N, 784] and [N] that `load` copies into the graph
     y_all: tf.Tensor
     load: tf.Operation
@@ -774,64 +808,6 @@ def stage_training_set(cfg, key, t):
     y = tf.slice(y_epoch.value(), [start], [cfg.batch_size])
     return TrainingSet(x_all=x_all, y_all=y_all, load=tf.local_variables_initializer(),
                        order=order, prepare=prepare, x=x, y=y)
-
-
-def matmul(h, w):
-    """h [N, D] @ w [D, M] -> float32 [N, M], in bfloat16 where multiplies_in made w bfloat16
-    (TensorFlow's CPU kernels have no bfloat16-in, float32-out multiply)."""
-    return tf.cast(tf.matmul(tf.cast(h, w.dtype), w), tf.float32)
-
-
-def multiplies_in(precision):
-    """A scope whose networks read each weight matrix through one bfloat16 cast per step if
-    precision is "bfloat16": the multiplies take bfloat16, the weights stay float32."""
-    def weights(getter, name, *args, **kwargs):
-        variable = getter(name, *args, **kwargs)
-        if precision == "bfloat16" and name.endswith("/w"):
-            return tf.cast(variable, tf.bfloat16)
-        return variable
-    return tf.variable_scope(tf.get_variable_scope(), custom_getter=weights)
-
-
-def adam_with_weight_average(losses, cfg):
-    """Adam on each loss of losses {variable scope: loss} for the variables under its scope,
-    and the weights' exponential moving average (EMA_DECAY per step, updated every EMA_EVERY
-    steps in one op of decay^EMA_EVERY: a tenth of the cost): the step op, and a custom getter
-    that reads the averages (None without EMA)."""
-    step = tf.train.get_or_create_global_step()
-    adam = tf.train.AdamOptimizer(cfg.learning_rate)
-    gradients = []
-    for scope, loss in losses.items():
-        # GATE_GRAPH: all of a loss's gradients computed before any is applied, and none for the
-        # data x (GATE_OP, the default, holds both gradients of each multiply: x's too, computed
-        # and dropped). Another loss's gradient may follow an update: it reads the weights its
-        # forward pass read (an update of a resource variable still read copies it first).
-        gradients += adam.compute_gradients(loss, tf.trainable_variables(scope),
-                                            gate_gradients=tf.train.Optimizer.GATE_GRAPH)
-    train_op = adam.apply_gradients(gradients, step)
-    if not cfg.ema_decay:
-        return train_op, None
-    with tf.control_dependencies([train_op]):   # the step counted from 1, read after its update
-        done = step.read_value()
-    # num_updates caps the decay at (1 + n) / (10 + n): n must be read after the update too
-    ema = tf.train.ExponentialMovingAverage(cfg.ema_decay ** cfg.ema_every,
-                                            num_updates=done // cfg.ema_every)
-    step_op = tf.cond(tf.equal(done % cfg.ema_every, 0),
-                      lambda: ema.apply(tf.trainable_variables()), tf.no_op)
-    return step_op, lambda getter, *args, **kwargs: ema.average(getter(*args, **kwargs))
-
-
-def training_precision(choice):
-    """PRECISION resolved: ('float32' or 'bfloat16', why)."""
-    if choice != "auto":
-        return choice, f"PRECISION = {choice!r}"
-    if tf.config.list_physical_devices("GPU"):
-        return "float32", "PRECISION = 'auto' on a GPU, where bfloat16 was not measured"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        flags = {"amx_bf16", "avx512_bf16"} & set(re.findall(r"\w+", f.read()))
-        if flags:
-            return "bfloat16", f"PRECISION = 'auto': this CPU has {' and '.join(sorted(flags))}"
-    return "float32", "PRECISION = 'auto': no avx512_bf16 or amx_bf16 on this CPU"
 
 
 # ---- The run's frame: open_run holds the lock, the session and the records ---------------------
@@ -869,7 +845,6 @@ class Run:
 
     @property
     def n_train(self):
-        """The number of training digits."""
         return len(self.data["x_train"])
 
     def epochs(self, last):
@@ -955,8 +930,7 @@ TAGS = dict(seconds="time/epoch_seconds", eval_seconds="time/eval_seconds",
 COUNTS = ["epoch", "eval_digits", "active_units", "ll_samples"]    # whole numbers
 # Every file a run writes in RESULTS_DIR outside checkpoints/ and tensorboard/ (start_fresh).
 OWN_FILES = re.compile(r"(cvae|vae|style|style_prior|recon|interp|cvae_latent|vae_latent|"
-                       r"manifold)\.epoch\.\d+\.png|my_digits\.png"
-                       r"|metrics\.csv|\.tmp-.+")
+                       r"manifold)\.epoch\.\d+\.png|my_digits\.png|metrics\.csv|\.tmp-.+")
 
 
 def _paths(cfg):
@@ -1000,8 +974,7 @@ def read_metrics(path):
 
 
 def write_metrics(path, rows):
-    """Writes metrics.csv whole, atomically: the columns every row has, in the order they first
-    appear; values to 4 decimals, None as empty."""
+    """Writes metrics.csv whole, atomically: values to 4 decimals, None as empty."""
     columns = list(dict.fromkeys(key for row in rows for key in row))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, columns, lineterminator="\n")
@@ -1060,29 +1033,26 @@ def restore_or_init(sess, g, cfg, data):
     sess.run(g.data.load, {g.data.x_all: data["x_train"], g.data.y_all: data["y_train"]})
     g.log_prior.load(label_log_prior(data["y_train"]), sess)
     if 0 < done < cfg.epochs:
-        note_changed_settings(g, cfg, done)
+        note_changed_settings(cfg, done)
     rows = read_metrics(_paths(cfg)["metrics"])
     if any(r["epoch"] > done for r in rows):
         write_metrics(_paths(cfg)["metrics"], [r for r in rows if r["epoch"] <= done])
     return done
 
 
-def note_changed_settings(g, cfg, done):
+def note_changed_settings(cfg, done):
     """Names, in one line, each setting that shapes training and differs from the checkpoint's,
     old -> new; settings.json keeps them, with the epoch from which they hold."""
     saved = _read_json(_paths(cfg)["settings"])
     saved.setdefault("objective", "elbo")     # runs from before OBJECTIVE trained the ELBO
     old = {name: saved[name] for name in TRAINING_SETTINGS if name in saved}
-    old["precision"] = saved.get("trained_in", g.precision)
     new = {name: getattr(cfg, name) for name in TRAINING_SETTINGS}
-    new["precision"] = g.precision
     changed = {name: [old[name], new[name]] for name in old if old[name] != new[name]}
     if not changed:
         return
     print(f"Resuming at epoch {done + 1} with changed settings (epochs 1..{done} had the old): "
           + ", ".join(f"{name.upper()} {a!r} -> {b!r}" for name, (a, b) in changed.items()))
-    changes = saved.get("changes", []) + [dict(epoch=done + 1, settings=changed)]
-    _write_settings(g, cfg, changes)
+    _write_settings(cfg, saved.get("changes", []) + [dict(epoch=done + 1, settings=changed)])
 
 
 def restore(sess, g, cfg):
@@ -1121,20 +1091,20 @@ def _read_json(path):
 
 
 def save_checkpoint(sess, g, cfg, epoch):
-    """Writes the epoch's checkpoint, and settings.json (all settings, and the precision)."""
+    """Writes the epoch's checkpoint, and settings.json (every setting)."""
     g.epoch.load(epoch, sess)
     os.makedirs(_paths(cfg)["ckpt"], exist_ok=True)   # the Saver makes one level, not two
     for stale in [n for n in os.listdir(_paths(cfg)["ckpt"]) if ".tempstate" in n]:
         os.remove(os.path.join(_paths(cfg)["ckpt"], stale))    # a failed save's, on a full disk
-    _write_settings(g, cfg, _read_json(_paths(cfg)["settings"]).get("changes", []))
+    _write_settings(cfg, _read_json(_paths(cfg)["settings"]).get("changes", []))
     with _tf_writes(_paths(cfg)["ckpt"]):
         g.saver.save(sess, os.path.join(_paths(cfg)["ckpt"], "ckpt"), global_step=epoch,
                      write_meta_graph=False)
 
 
-def _write_settings(g, cfg, changes):
-    """settings.json: every setting, the precision trained in, and the changes on resuming."""
-    settings = dict(dataclasses.asdict(cfg), trained_in=g.precision, changes=changes)
+def _write_settings(cfg, changes):
+    """settings.json: every setting, and the changes on resuming."""
+    settings = dict(dataclasses.asdict(cfg), changes=changes)
     _atomic_write(_paths(cfg)["settings"], json.dumps(settings, indent=1).encode())
 
 
@@ -1321,8 +1291,6 @@ def _read_pkl(path, with_test):
     (xa, ya), (xb, yb), test = parts
     if any(not isinstance(a, np.ndarray) or a.dtype == object for a in (xa, ya, xb, yb, *test)):
         raise ValueError("its parts are not numeric numpy arrays")
-    if xa.shape[1:] != xb.shape[1:] or ya.shape[1:] != yb.shape[1:]:
-        raise ValueError("its train and valid parts have different shapes")
     return (np.concatenate([xa, xb]), np.concatenate([ya, yb])), test if with_test else None
 
 
@@ -1506,8 +1474,7 @@ def parse_args(argv, cfg=Config()):
 
 
 def cli(cfg=None):
-    """Runs main(cfg), or with the command line's settings: one line and an exit code on
-    failure; SIGTERM stops it as Ctrl-C does."""
+    """Runs main(cfg), or with the command line's settings: one line and an exit code on failure."""
     try:
         previous = signal.signal(signal.SIGTERM, Terminated.handler)
         Terminated.received = False

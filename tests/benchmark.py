@@ -1,33 +1,28 @@
 """Throughput benchmark: `python tests/benchmark.py [--against REV]` (a script, not a test).
 
-Prints the CPU's model and bfloat16 flags, then, for the default settings:
+Prints the CPU's model, then, for the default settings:
 - training: steps per second of whole epochs of the real train_epoch (data handling, every
   fetch and check, the weight average every EMA_EVERY steps: what the log's `Epoch N (Ts)`
-  measures), in float32, in bfloat16 and for the IWAE bound with K = 5 (float32), against
-  the matmul ceilings: the step's 17 multiplies
-  (forward, and the weight and input gradients, but x's, of the six layers) run alone, side by
-  side, with float32 and with bfloat16 operands;
+  measures), for the ELBO and for the IWAE bound with K = 5, against the matmul ceiling: the
+  step's 17 multiplies (forward, and the weight and input gradients, but x's, of the six
+  layers) run alone, side by side;
 - three plain-TensorFlow steps of the same model, data in memory, no TFP (multiplies, bias and
   ReLU; + the ELBO's terms; + Adam), which show where the time beyond the multiplies goes;
 - the importance-sampled evaluation in (digit, sample) pairs per second against its forward
   multiplies alone, and against those multiplies plus the Bernoulli log-likelihood;
-- with --against REV: whole float32 epochs of revision REV's cvae_mnist.py (git show),
-  interleaved with this one's;
+- with --against REV: whole epochs of revision REV's cvae_mnist.py (git show), in float32
+  (an older revision's PRECISION set so), interleaved with this one's;
 - the import and graph-build times, and the peak memory of a real default run.
-Last lines: `train/matmul ratio` (float32), `IWAE K = 5/ELBO epoch speed` and
-`bfloat16/float32 epoch speed`.
+Last lines: `train/matmul ratio` and `IWAE K = 5/ELBO epoch speed`.
 
 This machine's speed drifts from minute to minute (other work on the host), so every
 measurement gets one timed window per round, and each ratio is the median over rounds of the
 ratio within a round.
 
-What the measurements say, and what was tried, is in README.md (Performance). On the 2-core
-AMD EPYC of this project (avx512_bf16), bfloat16 multiplies of the step's shapes run at about
-1.4 times the float32 rate alone; the bfloat16 step adds a cast per weight and two per
-activation (float32 bias adds, as asked), and TensorFlow's fused multiply-bias-ReLU kernel
-then no longer applies, so whole epochs gain less than the multiplies do.
+What the measurements say is in docs/measurements.md (Speed).
 """
 import argparse
+import dataclasses
 import importlib.util
 import os
 import re
@@ -81,9 +76,9 @@ def session(cm, cfg, graph, init):
     return sess
 
 
-def matmul_ceiling(cm, cfg, rows, backward, decoder_rows=None, dtype="float32"):
+def matmul_ceiling(cm, cfg, rows, backward, decoder_rows=None):
     """A callable that runs the step's matrix multiplies alone, all independent of each other,
-    with operands of `dtype`. The encoder runs on `rows` rows, the decoder on `decoder_rows`
+    in float32. The encoder runs on `rows` rows, the decoder on `decoder_rows`
     (default the same). With backward, each layer also gets its weight gradient, and every
     layer but the encoder's first (whose input is data) its input gradient."""
     tf = cm.tf
@@ -93,7 +88,7 @@ def matmul_ceiling(cm, cfg, rows, backward, decoder_rows=None, dtype="float32"):
         ops = []
 
         def operand(shape):
-            return tf.Variable(tf.cast(tf.random.normal(shape), dtype))
+            return tf.Variable(tf.random.normal(shape))
         for i, (n, shapes) in enumerate([(rows, enc), (decoder_rows or rows, dec)]):
             for j, (d_in, d_out) in enumerate(shapes):
                 a, w, g = operand([n, d_in]), operand([d_in, d_out]), operand([n, d_out])
@@ -102,7 +97,7 @@ def matmul_ceiling(cm, cfg, rows, backward, decoder_rows=None, dtype="float32"):
                     products.append(tf.matmul(a, g, transpose_a=True))
                     if (i, j) != (0, 0):
                         products.append(tf.matmul(g, w, transpose_b=True))
-                ops += [tf.reduce_sum(tf.cast(p[:1, :1], tf.float32)) for p in products]
+                ops += [tf.reduce_sum(p[:1, :1]) for p in products]
         total = tf.add_n(ops)
         init = tf.global_variables_initializer()
     sess = session(cm, cfg, graph, init)
@@ -234,24 +229,32 @@ def report(title, unit, rates, ceiling, labels):
 
 
 def cpu():
-    """The CPU's model name and its bfloat16 flags (Linux; 'unknown' elsewhere)."""
+    """The CPU's model name, as lscpu gives it (Linux; 'unknown' elsewhere)."""
     try:
         with open("/proc/cpuinfo") as f:
             text = f.read()
     except OSError:
-        return "unknown", []
+        return "unknown"
     model = re.search(r"^model name\s*:\s*(.*)$", text, re.M)
-    flags = sorted(set(re.findall(r"\w+", text)) & {"avx512_bf16", "amx_bf16", "amx_tile"})
-    return (model.group(1) if model else "unknown"), flags
+    if model is None:
+        return "unknown"
+    return model.group(1)
+
+
+def float32_config(cm):
+    """cm's default Config, in float32: a revision from before bfloat16 went had PRECISION."""
+    cfg = cm.Config()
+    if hasattr(cfg, "precision"):
+        cfg = dataclasses.replace(cfg, precision="float32")
+    return cfg
 
 
 def main(against=None):
-    model, flags = cpu()
-    print(f"CPU: {model}, {os.cpu_count()} cores; bfloat16 flags: {', '.join(flags) or 'none'}")
+    print(f"CPU: {cpu()}, {os.cpu_count()} cores")
     peak = peak_memory_of_a_run()                       # first, while this process is small
     start = time.perf_counter()
     import cvae_mnist as cm
-    cfg = cm.Config(precision="float32")
+    cfg = cm.Config()
     cm.tf.constant(0)                                   # finish importing TensorFlow
     imported = time.perf_counter() - start
     data = cm.load_mnist(os.path.join(ROOT, cfg.data_dir))
@@ -260,20 +263,17 @@ def main(against=None):
     print(f"import: {imported:.2f}s, graph build: {time.perf_counter() - start:.2f}s")
 
     default = training_runner(cm, cfg, data)
-    bf16 = training_runner(cm, cm.Config(precision="bfloat16"), data)
-    iwae5 = training_runner(cm, cm.Config(precision="float32", objective="iwae", train_samples=5),
-                            data)
-    runners = {"train": default["epoch"], "bf16": bf16["epoch"], "iwae5": iwae5["epoch"]}
-    if against:                             # that revision's own defaults, float32 then
+    iwae5 = training_runner(cm, cm.Config(objective="iwae", train_samples=5), data)
+    runners = {"train": default["epoch"], "iwae5": iwae5["epoch"]}
+    if against:                             # that revision's own defaults, in float32
         old = revision(against, tempfile.mkdtemp())
-        runners["old"] = training_runner(old, old.Config(), data)["epoch"]
+        runners["old"] = training_runner(old, float32_config(old), data)["epoch"]
     for run in runners.values():
         run()                                           # a warm-up epoch each, untimed
     steps = len(data["x_train"]) // cfg.batch_size
     rates = interleaved(dict(
         {name: (run, steps, 1) for name, run in runners.items()},
         ceiling=(matmul_ceiling(cm, cfg, cfg.batch_size, backward=True), 1, 200),
-        bf16_ceiling=(matmul_ceiling(cm, cfg, cfg.batch_size, True, dtype="bfloat16"), 1, 200),
         mm=(plain_step(cm, cfg, terms=False, adam=False), 1, 200),
         terms=(plain_step(cm, cfg, terms=True, adam=False), 1, 200),
         adam=(plain_step(cm, cfg, terms=True, adam=True), 1, 200)))
@@ -282,9 +282,7 @@ def main(against=None):
               "mm": "plain-TF step: multiplies, bias, ReLU; gradient descent",
               "terms": "plain-TF step: + the ELBO's terms (Bernoulli, KL)",
               "adam": "plain-TF step: + Adam (the real step's maths, data in memory)",
-              "bf16_ceiling": "bfloat16 matmul ceiling: the same multiplies, bfloat16",
-              "bf16": "train_epoch in bfloat16 (PRECISION = 'bfloat16')",
-              "iwae5": "train_epoch of the IWAE bound, K = 5, float32"}
+              "iwae5": "train_epoch of the IWAE bound, K = 5"}
     if against:
         labels["old"] = f"train_epoch of revision {against}, float32"
     train = report("training", "steps/s", rates, "ceiling", labels)
@@ -305,13 +303,11 @@ def main(against=None):
     print(f"evaluation/matmul ratio: {evals['eval']:.2f}")
     print(f"peak memory of a default run: {peak:.0f} MB")
     within = {name: np.median(np.array(rates[name]) / np.array(rates["train"]))
-              for name in ("bf16", "old", "iwae5") if name in rates}
-    print(f"bfloat16/float32 matmul ceiling: {train['bf16_ceiling']:.2f}")
+              for name in ("old", "iwae5") if name in rates}
     if against:
-        print(f"{against}/this float32 epoch speed: {within['old']:.2f}")
+        print(f"{against}/this epoch speed: {within['old']:.2f}")
     print(f"train/matmul ratio: {train['train']:.2f}")
     print(f"IWAE K = 5/ELBO epoch speed: {within['iwae5']:.2f}")
-    print(f"bfloat16/float32 epoch speed: {within['bf16']:.2f}")
 
 
 if __name__ == "__main__":

@@ -55,7 +55,6 @@ def small_config(data_dir, results_dir, **changes):
     """A configuration small enough for a test: a thin model, short epochs, cheap
     evaluation, every figure and evaluation every epoch."""
     base = dict(epochs=1, batch_size=64, z_dim=8, hidden_units=64, save_freq=1, test_freq=1,
-                precision="float32",     # the same on every machine; bfloat16 is tested apart
                 ll_samples=20, ll_samples_interim=5, test_batch_size=50, threads=1,
                 data_dir=str(data_dir), download=False, results_dir=str(results_dir),
                 test_limit=200)

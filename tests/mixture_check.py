@@ -2,13 +2,14 @@
 (a script, not a test).
 
 On the checkpoint of a finished VALIDATION = True run of the CVAE in RESULTS_DIR, and its first
-N validation digits, compares cvae_mnist.label_scores (a cheap pass over all ten labels, then
-LL_SAMPLES samples for the true label and each digit's MIXTURE_LABELS - 1 best others) with two
-full LL_SAMPLES passes over all ten labels, A and B, each with its own random stream: their
-difference is the estimate's own noise. label_scores reuses the true label's estimate of the
-log p(x|y) pass, so it is also compared with pass A paired: A with that same estimate for the
-true label, so that only the other labels' handling differs. Costs are in digit-samples, as
-a multiple of the log p(x|y) pass (N x LL_SAMPLES).
+N validation digits, compares the last evaluation's label mixture (cvae_mnist.label_scores: a
+cheap pass over all ten labels, then LL_SAMPLES samples for each digit's MIXTURE_LABELS best,
+chosen without the true label; log p(x) then takes the true label's estimate of the log p(x|y)
+pass, as cvae_mnist.evaluate does) with two full LL_SAMPLES passes over all ten labels, A and B,
+each with its own random stream: their difference is the estimate's own noise. It is also
+compared with pass A paired: A with that same estimate for the true label, so that only the
+other labels' handling differs. Costs are the digit-samples fed, as a multiple of the log p(x|y)
+pass (N x LL_SAMPLES).
 """
 import dataclasses
 import os
@@ -30,9 +31,10 @@ def full_pass(sess, g, cfg, x, stream):
                                 cfg.ll_samples, stream)["log_px"].reshape(n, 10)
 
 
-def report(name, joint, full, paired, y, seconds, cost):
-    """One line: joint [N, 10] against pass A (full) and pass A paired."""
-    mix, guess = np.logaddexp.reduce(joint, 1), joint.argmax(1)
+def report(name, joint, guess, full, paired, y, seconds, cost):
+    """One line: log p(x) from joint [N, 10] and the labels guessed [N] against pass A (full)
+    and pass A paired."""
+    mix = np.logaddexp.reduce(joint, 1)
     err = mix - np.logaddexp.reduce(full, 1)
     err_paired = mix - np.logaddexp.reduce(paired, 1)
     print(f"{name}: log p(x) {mix.mean():.4f}; minus pass A's: mean {err.mean():+.4f} "
@@ -58,20 +60,32 @@ def main(results, n):
         full = log_prior + full_pass(sess, g, cfg, x, STREAM_A)
         paired = full.copy()
         paired[np.arange(n), y] = log_prior[y] + own
-        report("full pass A", full, full, paired, y, time.time() - start, 10.0)
+        report("full pass A", full, full.argmax(1), full, paired, y, time.time() - start, 10.0)
         start = time.time()
-        report("full pass B", log_prior + full_pass(sess, g, cfg, x, STREAM_B), full, paired, y,
-               time.time() - start, 10.0)
+        other = log_prior + full_pass(sess, g, cfg, x, STREAM_B)
+        report("full pass B", other, other.argmax(1), full, paired, y, time.time() - start, 10.0)
         srt = np.sort(full, 1)
         print(f"gap best - second label: median {np.median(srt[:, -1] - srt[:, -2]):.1f} nats")
-        cheap = max(1, cfg.ll_samples // c.CHEAP_SHARE)
+        fed = []
+        c.importance_sampled = counting(c.importance_sampled, fed)
         for labels in (1, 2, 3):
             cfg2 = dataclasses.replace(cfg, mixture_labels=labels)
             start = time.time()
-            joint = c.label_scores(sess, g, cfg2, x, log_prior, y, own)
-            cost = 1 + 10 * cheap / cfg.ll_samples + labels - 1
-            report(f"MIXTURE_LABELS = {labels}", joint, full, paired, y, time.time() - start,
-                   cost)
+            fed.clear()
+            joint = c.label_scores(sess, g, cfg2, x, log_prior, known=(y, own))
+            guess = joint.argmax(1)                       # the classifier's: blind to y
+            joint[np.arange(n), y] = log_prior[y] + own    # log p(x) as evaluate takes it
+            cost = 1 + sum(fed) / (n * cfg.ll_samples)     # with the log p(x|y) pass
+            report(f"MIXTURE_LABELS = {labels}", joint, guess, full, paired, y,
+                   time.time() - start, cost)
+
+
+def counting(sampler, fed):
+    """importance_sampled, noting the digit-samples of each call in the list fed."""
+    def counted(sess, g, cfg, x, y, n_samples, stream):
+        fed.append(len(x) * n_samples)
+        return sampler(sess, g, cfg, x, y, n_samples, stream)
+    return counted
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ say, and the report computes its ratios within rounds. (The timings themselves a
 the benchmark's business, not the tests'.)"""
 import dataclasses
 import os
+import types
 
 import numpy as np
 
@@ -12,7 +13,7 @@ import cvae_mnist as cm
 
 def tiny():
     return dataclasses.replace(cm.Config(), z_dim=4, hidden_units=32, batch_size=16,
-                               test_batch_size=2, ll_samples=10, threads=1, precision="float32")
+                               test_batch_size=2, ll_samples=10, threads=1)
 
 
 def test_plain_step_trains_the_model_it_claims():
@@ -48,13 +49,17 @@ def test_interleaved_rounds_and_ratios(capsys):
     assert out[2].split()[:3] == ["a", "slow", "step"] and out[2].endswith(f"{expected:.2f}")
 
 
-def test_bfloat16_ceiling_other_revisions_and_the_cpu_line(tmp_path):
-    """The bfloat16 ceiling multiplies bfloat16 operands; --against loads another revision
-    of the script as a module of its own (here HEAD's), whose epochs the benchmark can run."""
-    cfg = tiny()
-    assert np.isfinite(bm.matmul_ceiling(cm, cfg, 16, backward=True, dtype="bfloat16")())
+def test_other_revisions_in_float32_and_the_cpu_line(tmp_path):
+    """--against loads another revision of the script as a module of its own (here HEAD's),
+    whose epochs the benchmark can run, in float32 where that revision had a PRECISION."""
     old = bm.revision("HEAD", str(tmp_path))
     assert old is not cm and callable(old.train_epoch) and callable(old.build_graph)
     assert os.path.basename(old.__file__) == "cvae_mnist_HEAD.py"
-    model, flags = bm.cpu()
-    assert model and set(flags) <= {"avx512_bf16", "amx_bf16", "amx_tile"}
+    assert getattr(bm.float32_config(old), "precision", "float32") == "float32"
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:                                     # as revisions before 2778ddc's successor
+        precision: str = "auto"
+        epochs: int = 50
+    assert bm.float32_config(types.SimpleNamespace(Config=Config)) == Config("float32", 50)
+    assert bm.cpu() and "\n" not in bm.cpu()

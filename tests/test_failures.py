@@ -326,8 +326,7 @@ def test_the_script_imports_and_runs_where_there_is_no_fcntl(tmp_path):
 def test_the_leftover_of_a_failed_save_goes_with_the_next_save(tmp_path):
     """TensorFlow leaves a save cut short by a full disk as a .tempstate file that nothing
     reads; the next checkpoint removes it, so that the space comes back."""
-    cfg = dataclasses.replace(cm.Config(), z_dim=2, hidden_units=8, results_dir=str(tmp_path),
-                              precision="float32")
+    cfg = dataclasses.replace(cm.Config(), z_dim=2, hidden_units=8, results_dir=str(tmp_path))
     (tmp_path / "checkpoints").mkdir()
     left = tmp_path / "checkpoints" / "ckpt-1.data-00000-of-00001.tempstate2157134796256687541"
     left.write_bytes(b"half a checkpoint")

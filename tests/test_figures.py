@@ -43,8 +43,7 @@ def test_grid_png_of_ten_columns_is_302_square(tmp_path):
 
 @pytest.fixture(scope="module")
 def model(mnist):
-    cfg = dataclasses.replace(cm.Config(), z_dim=4, hidden_units=32, samples_per_class=3,
-                              precision="float32")
+    cfg = dataclasses.replace(cm.Config(), z_dim=4, hidden_units=32, samples_per_class=3)
     g = cm.build_graph(cfg)
     sess = cm.tf.Session(graph=g.graph)
     sess.run(g.init)

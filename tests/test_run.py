@@ -2,6 +2,7 @@
 import contextlib
 import dataclasses
 import io
+import json
 import os
 import re
 import shutil
@@ -34,6 +35,28 @@ def run_main(cfg):
     with contextlib.redirect_stdout(buf):
         rows = cm.main(cfg)
     return rows, buf.getvalue()
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")      # numpy's "Mean of empty slice"
+@pytest.mark.parametrize("digits", [1, 2])
+def test_one_or_two_evaluation_digits_evaluate_and_draw(small_data_dir, tmp_path, digits):
+    """TEST_LIMIT = 1: no centroid score or active units (each needs two digits), said by
+    blanks and missing lines, not NaN; the latent picture is skipped with a word. Two digits
+    give both numbers and the picture."""
+    rows, out = run_main(small_config(small_data_dir, tmp_path, test_limit=digits))
+    row = rows[-1]
+    assert np.isfinite([row["eval_elbo"], row["eval_log_px_y"], row["eval_log_px"]]).all()
+    assert row["eval_digits"] == digits and "nan" not in out.lower()
+    latent = (tmp_path / "cvae_latent.epoch.1.png").exists()
+    if digits == 1:
+        assert row["eval_centroid_accuracy"] is None and row["active_units"] is None
+        assert "Active units" not in out and "centroid" not in out
+        assert ">> (1 test digit, 20 importance samples each, " in out
+        assert "The latent picture needs two test digits or more: not drawn" in out
+        assert not latent
+    else:
+        assert row["eval_centroid_accuracy"] in (0, 1) and 0 <= row["active_units"] <= 8
+        assert ">> (2 test digits, " in out and latent
 
 
 def test_end_to_end_writes_grids_and_improves(finished):
@@ -191,7 +214,7 @@ def test_settings_from_the_command_line(small_data_dir, tmp_path):
     (1, r"the loss became nan at epoch 1, step 1/4; no epoch is saved in .*/ yet: lower "
         r"LEARNING_RATE and run again")])
 def test_nan_stops_with_epoch_and_step_and_says_what_is_saved(mnist, epoch, message):
-    cfg = dataclasses.replace(cm.Config(), z_dim=4, hidden_units=32, precision="float32")
+    cfg = dataclasses.replace(cm.Config(), z_dim=4, hidden_units=32)
     g = cm.build_graph(cfg)
     with g.graph.as_default():
         bias, = [v for v in cm.tf.global_variables() if v.op.name == "decoder/logits/b"]
@@ -394,3 +417,62 @@ def test_metrics_of_older_versions_read_back_with_whole_counts(tmp_path):
     assert rows == [dict(epoch=1, seconds=2.5, active_units=13, eval_elbo=-90.5),
                     dict(epoch=2, seconds=2.4, active_units=14, eval_elbo=None)]
     assert {type(r[key]) for r in rows for key in ("epoch", "active_units")} == {int}
+
+
+def test_resuming_with_another_learning_rate_names_it_and_keeps_it(small_data_dir, tmp_path):
+    run_main(small_config(small_data_dir, tmp_path, epochs=1))
+    rows, out = run_main(small_config(small_data_dir, tmp_path, epochs=2, learning_rate=5e-4,
+                                      seed=7))
+    assert out.splitlines()[0] == ("Resuming at epoch 2 with changed settings (epochs 1..1 had "
+                                   "the old): LEARNING_RATE 0.001 -> 0.0005, SEED 1234 -> 7")
+    with open(tmp_path / "checkpoints" / "settings.json") as f:
+        settings = json.load(f)
+    assert settings["learning_rate"] == 5e-4
+    assert settings["changes"] == [dict(epoch=2, settings=dict(learning_rate=[1e-3, 5e-4],
+                                                                seed=[1234, 7]))]
+    rows, out = run_main(small_config(small_data_dir, tmp_path, epochs=3, threads=2,
+                                      learning_rate=5e-4, seed=7, test_limit=100))
+    assert "changed settings" not in out          # threads and evaluation settings: not named
+
+
+def test_resuming_with_another_objective_names_it_and_logs_the_new_bound(small_data_dir,
+                                                                        tmp_path):
+    run_main(small_config(small_data_dir, tmp_path, epochs=1))
+    path = tmp_path / "checkpoints" / "settings.json"
+    older = json.loads(path.read_text())
+    del older["objective"]             # as an earlier version wrote it: it trained the ELBO
+    path.write_text(json.dumps(older))
+    rows, out = run_main(small_config(small_data_dir, tmp_path, epochs=2, objective="iwae",
+                                      train_samples=2))
+    assert out.splitlines()[0] == ("Resuming at epoch 2 with changed settings (epochs 1..1 had "
+                                   "the old): OBJECTIVE 'elbo' -> 'iwae', TRAIN_SAMPLES 1 -> 2")
+    assert "by the IWAE bound" in out.splitlines()[1]
+    assert re.search(r"^Epoch 2 \(.*\): IWAE bound \(K = 2\) = ", out, re.M)
+    # metrics.csv keeps both bounds' columns, each empty in the other objective's rows
+    assert rows[0]["train_iwae"] is None and rows[1]["train_elbo"] is None
+    assert np.isfinite(rows[1]["train_iwae"]) and np.isfinite(rows[0]["train_elbo"])
+    settings = json.loads(path.read_text())
+    assert settings["objective"] == "iwae"
+    assert settings["changes"] == [dict(epoch=2, settings=dict(objective=["elbo", "iwae"],
+                                                                train_samples=[1, 2]))]
+
+
+def test_a_run_from_before_precision_went_resumes_redraws_and_loads(small_data_dir, tmp_path):
+    """settings.json from a version with PRECISION (its value, the precision trained in and a
+    change of it on resuming): the keys are ignored, and the run goes on as any other."""
+    run_main(small_config(small_data_dir, tmp_path, epochs=1))
+    path = tmp_path / "checkpoints" / "settings.json"
+    older = json.loads(path.read_text())
+    older.update(precision="auto", trained_in="bfloat16",
+                 changes=[dict(epoch=1, settings=dict(precision=["float32", "bfloat16"]))])
+    path.write_text(json.dumps(older))
+    rows, out = run_main(small_config(small_data_dir, tmp_path, epochs=2))
+    assert out.startswith("Training the CVAE") and "epochs 2..2" in out.splitlines()[0]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    rows, out = run_main(small_config(small_data_dir, tmp_path, epochs=2))
+    assert "already holds a finished run of 2 epochs: drew its" in out
+    with cm.load(str(tmp_path)) as model:
+        assert model.sample(4, 3).shape == (3, 28, 28)
+    settings = json.loads(path.read_text())
+    assert "trained_in" not in settings and "precision" not in settings
+    assert settings["changes"] == older["changes"]        # the history is kept as it was
