@@ -41,8 +41,8 @@ SAMPLES_PER_CLASS = 10   # columns of the per-class sample grid
 TEST_FREQ = 10           # evaluate every this many epochs (and after the last)
 LL_SAMPLES = 1000        # importance samples per digit for log p(x|y) after the last epoch
 LL_SAMPLES_INTERIM = 100  # importance samples per digit in the evaluations before it
-MIXTURE_LABELS = 2       # CVAE, last evaluation: LL_SAMPLES for the true label and each digit's
-                         # best other (the rest keep a cheap pass's LL_SAMPLES / CHEAP_SHARE)
+MIXTURE_LABELS = 2       # CVAE, last evaluation: LL_SAMPLES for each digit's best labels by a
+                         # cheap pass (the rest keep its LL_SAMPLES / CHEAP_SHARE)
 TEST_BATCH_SIZE = 10     # digits per evaluation batch at LL_SAMPLES (more at fewer samples)
 SEED = 1234              # seeds data order, binarization, z samples, initial weights, figures
 THREADS = 0              # CPU threads for TensorFlow ops; 0 = one per core

@@ -62,7 +62,7 @@ def test_uint8_pixels_are_scaled_to_unit_range(tmp_path, small):
 
 
 def test_a_keras_npz_is_not_read_and_the_error_names_what_is(tmp_path, small):
-    """Keras' mnist.npz went (README, What went): a folder holding only it has no MNIST."""
+    """Keras' mnist.npz is not read: a folder holding only it has no MNIST."""
     np.savez(tmp_path / "mnist.npz", x_train=as_uint8(small["x_train"]), y_train=small["y_train"],
              x_test=as_uint8(small["x_test"]), y_test=small["y_test"])
     with pytest.raises(cm.UserError, match=r"^no complete MNIST in .*: mnist\.pkl\.gz .*"
