@@ -34,6 +34,8 @@ LEARNING_RATE = 1e-3     # Adam step size
 OBJECTIVE = "elbo"       # the bound trained: "elbo" (SGVB) or "iwae" (importance weighted)
 TRAIN_SAMPLES = 1        # z samples per digit in the bound's estimate (IWAE's K)
 ANALYTIC_KL = True       # ELBO: closed-form KL(q||p); False = Monte-Carlo KL (ZhuSuan's sgvb)
+LABELS = 0               # training digits that keep their label (M2, semi-supervised); 0 = all
+ALPHA = 1000             # M2: the weight of the classifier's -log q(y|x) on labelled digits
 EMA_DECAY = 0.999        # evaluate and draw with weights averaged at this decay per step; 0 = off
 EMA_EVERY = 10           # update that average every this many steps (a tenth of the cost)
 SAVE_FREQ = 10           # write the figures every this many epochs (and after the last)
@@ -61,6 +63,7 @@ IMAGE_SIDE, X_DIM, N_CLASSES = 28, 28 * 28, 10  # MNIST digits: 28 x 28 (784 fla
 # Every use of randomness has its own stream, keyed by (SEED, stream, index): the order, the
 # binarization and the z noise of each epoch, each evaluation pass, the figures' and the API's z.
 STREAM_TRAIN, STREAM_ORDER, STREAM_EVAL, STREAM_MIXTURE, STREAM_REFINE, STREAM_FIGURES = range(6)
+STREAM_LABELLED = 6              # M2: which training digits keep their label
 PASSES = {STREAM_EVAL: "Importance sampling", STREAM_MIXTURE: "Label mixture, every label",
           STREAM_REFINE: "Label mixture, the best labels"}   # as the progress line names them
 CHEAP_SHARE = 50                 # the label mixture's cheap pass: LL_SAMPLES / 50 samples (20)
@@ -98,8 +101,11 @@ def prior(cfg):
     return tfd.Independent(tfd.Normal(tf.zeros([cfg.z_dim]), 1.0), 1)
 
 
-def label_log_prior(y_train):
-    """log p(y) [10]: the class frequencies of the training labels y_train [N] (numpy)."""
+def label_log_prior(y_train, cfg):
+    """log p(y) [10]: the class frequencies of the training labels y_train [N] (numpy); M2's
+    p(y) is uniform, as most labels are unknown."""
+    if cfg.labels:
+        return np.full(N_CLASSES, -np.log(N_CLASSES), np.float32)
     return np.log(np.bincount(y_train, minlength=N_CLASSES) / len(y_train)).astype(np.float32)
 
 
@@ -121,6 +127,13 @@ def decoder(z, y, cfg):
         h = _mlp(_with_label(tf.reshape(z, [-1, cfg.z_dim]), y, cfg), cfg)
         logits = _dense(h, X_DIM, "logits")
     return tf.reshape(logits, tf.concat([lead, [X_DIM]], 0))
+
+
+def classifier(x, cfg):
+    """M2's q(y|x) for x [B, 784]: a Categorical over the ten labels, batch [B]."""
+    with tf.variable_scope("classifier", reuse=tf.AUTO_REUSE):
+        logits = _dense(_mlp(x, cfg), N_CLASSES, "logits")
+    return tfd.Categorical(logits=logits)
 
 
 def binary_log_likelihood(logits, x):
@@ -164,11 +177,33 @@ def iwae(x, y, cfg, seed):
                 dreg=tf.reduce_sum(weights ** 2 * log_w, 0))
 
 
-def training_objective(x, y, cfg, seed):
+def m2(x_u, x_l, y_l, cfg, seed):
+    """Kingma et al. 2014's M2 for unlabelled digits x_u [B, 784] and labelled x_l [B, 784],
+    y_l [B], p(y) uniform: labelled [B] = L(x,y) = ELBO(x,y) + log p(y); unlabelled [B] = U(x) =
+    sum_y q(y|x) L(x,y) + H(q(y|x)) <= log p(x), the ten labels enumerated in one batch of 10B
+    (digit-major); xent [B] = -log q(y_l|x_l), which the bounds leave untrained on x_l."""
+    seed_l, seed_u = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    log_p_y = -math.log(N_CLASSES)
+    labelled = elbo(x_l, y_l, cfg, seed_l)["elbo"] + log_p_y
+    every = tf.tile(tf.range(N_CLASSES), tf.shape(x_u)[:1])                 # [10B] 0..9, 0..9
+    each = elbo(tf.repeat(x_u, N_CLASSES, 0), every, cfg, seed_u)["elbo"] + log_p_y
+    q = classifier(x_u, cfg)
+    expected = tf.reduce_sum(q.probs_parameter() * tf.reshape(each, [-1, N_CLASSES]), 1)
+    return dict(unlabelled=expected + q.entropy(), labelled=labelled,
+                xent=-classifier(x_l, cfg).log_prob(y_l))
+
+
+def training_objective(x, y, cfg, seed, x_labelled=None, y_labelled=None):
     """What a step logs (the bound and the ELBO's terms, means over the batch, by name), the
     name of the bound trained, and what the optimizer minimizes for the variables under each
     scope: for the ELBO, minus the ELBO for all; for IWAE, minus the bound for the decoder
-    (its gradient is the bound's) and minus dreg for the encoder."""
+    (its gradient is the bound's) and minus dreg for the encoder. M2 (LABELS): x [B, 784]
+    unlabelled (y unused) and the labelled batch; minus both bounds plus ALPHA times xent."""
+    if cfg.labels:
+        terms = m2(x, x_labelled, y_labelled, cfg, seed)
+        logged = {name: tf.reduce_mean(value) for name, value in terms.items()}
+        loss = -logged["unlabelled"] - logged["labelled"] + cfg.alpha * logged["xent"]
+        return dict(logged=logged, bound="unlabelled", losses={"": loss})
     if cfg.objective == "iwae":
         terms = {name: tf.reduce_mean(value) for name, value in iwae(x, y, cfg, seed).items()}
         logged = dict(iwae=terms["iwae"], recon=terms["recon"], kl=terms["kl"])
@@ -240,6 +275,7 @@ class Graph:
     test_elbo: tf.Tensor           # [N] a one-sample ELBO
     x_mean: tf.Tensor              # [N, 784] Bernoulli means of p(x|z_in, y_in)
     z_mean: tf.Tensor              # [N, Z] E_q[z|x_in, y_in]
+    q_y: tf.Tensor                 # [N, 10] M2's classifier q(y|x_in); None without LABELS
     epoch: tf.Variable             # the epochs trained, saved with the weights
     init: tf.Operation
     saver: tf.train.Saver
@@ -255,7 +291,8 @@ def build_graph(cfg):
         data_key, noise_key = tf.unstack(tf.random.experimental.stateless_split(epoch_key, 2))
         data = stage_training_set(cfg, data_key, batch_in_epoch)     # x [B, 784], y [B]
         noise = tf.random.experimental.stateless_fold_in(noise_key, batch_in_epoch)
-        objective = training_objective(data.x, data.y, cfg, noise)
+        objective = training_objective(data.x, data.y, cfg, noise, data.x_labelled,
+                                       data.y_labelled)
         train_op, averaged = adam_with_weight_average(objective["losses"], cfg)
         log_prior = tf.get_variable("log_prior", [N_CLASSES], trainable=False,
                                     initializer=tf.zeros_initializer())
@@ -268,16 +305,19 @@ def build_graph(cfg):
             test = log_likelihood(x_in, y_in, cfg, k_in, seed_in)
             x_mean = tf.sigmoid(decoder(z_in, y_in, cfg))
             z_mean = encoder(x_in, y_in, cfg).mean()
+            q_y = None
+            if cfg.labels:
+                q_y = classifier(x_in, cfg).probs_parameter()
         epoch = tf.get_variable("epoch", [], tf.int64, tf.zeros_initializer(), trainable=False)
         return Graph(
             graph=graph, session_config=tf.ConfigProto(   # THREADS = 0: one per core
                 intra_op_parallelism_threads=cfg.threads,
                 inter_op_parallelism_threads=cfg.threads),
-            data=data, epoch_key=epoch_key,
-            batch_in_epoch=batch_in_epoch, stats=objective["logged"], bound=objective["bound"],
-            train_op=train_op, log_prior=log_prior, x_in=x_in, y_in=y_in, k_in=k_in,
-            seed_in=seed_in, z_in=z_in, log_px=test["log_px"], test_elbo=test["elbo"],
-            x_mean=x_mean, z_mean=z_mean, epoch=epoch, init=tf.global_variables_initializer(),
+            data=data, epoch_key=epoch_key, batch_in_epoch=batch_in_epoch,
+            stats=objective["logged"], bound=objective["bound"], train_op=train_op,
+            log_prior=log_prior, x_in=x_in, y_in=y_in, k_in=k_in, seed_in=seed_in, z_in=z_in,
+            log_px=test["log_px"], test_elbo=test["elbo"], x_mean=x_mean, z_mean=z_mean,
+            q_y=q_y, epoch=epoch, init=tf.global_variables_initializer(),
             saver=tf.train.Saver(max_to_keep=3, save_relative_paths=True))  # the last 3 epochs'
 
 
@@ -335,7 +375,12 @@ def start_line(run, cfg):
     if cfg.objective == "iwae":
         model += " by the IWAE bound (ANALYTIC_KL is the ELBO's, unused)"
     n = run.n_train
-    return (f"Training the {model} on {n} digits, {n // cfg.batch_size} steps per epoch, epochs "
+    digits = f"{n} digits"
+    if cfg.labels:
+        model = "semi-supervised CVAE (M2) p(x|z,y) q(z|x,y) q(y|x)"
+        digits = (f"{cfg.labels} labelled and {n} unlabelled digits (each step enumerates the "
+                  f"ten labels of {cfg.batch_size} unlabelled ones)")
+    return (f"Training the {model} on {digits}, {n // cfg.batch_size} steps per epoch, epochs "
             f"{run.done + 1}..{cfg.epochs}, evaluating on "
             f"{_count(len(run.data['x_eval']), _set_name(cfg) + ' digit')}; "
             f"results in {_shown(cfg.results_dir)}/")
@@ -343,7 +388,11 @@ def start_line(run, cfg):
 
 def epoch_line(g, cfg, row):
     """Epoch N (Ts): Lower bound = B  [log p(x|z,y) = R, KL = K], as ZhuSuan logs it; the
-    bracket holds the ELBO's terms whichever bound is trained."""
+    bracket holds the ELBO's terms whichever bound is trained; M2's, its labelled terms."""
+    if g.bound == "unlabelled":
+        return (f"Epoch {row['epoch']} ({row['seconds']:.1f}s): Unlabelled bound = "
+                f"{row['train_unlabelled']:.2f}  [labelled bound = {row['train_labelled']:.2f}, "
+                f"-log q(y|x) = {row['train_xent']:.3f}]")
     given = "z"
     if cfg.conditional:
         given = "z,y"
@@ -366,6 +415,8 @@ def evaluation_lines(cfg, row):
                              ("eval_log_px_y", "log p(x|y) (IS)", "{:.2f}"),
                              ("eval_log_px", f"log p(x) ({mixture})", "{:.2f}"),
                              ("eval_accuracy", "accuracy of argmax_y p(y|x)", "{:.4f}"),
+                             ("eval_classifier_accuracy", "accuracy of argmax_y q(y|x)",
+                              "{:.4f}"),
                              ("eval_centroid_accuracy", "accuracy of the nearest class "
                               "centroid in z", "{:.4f}")]:
         if row.get(key) is not None:
@@ -404,6 +455,9 @@ def evaluate(sess, g, cfg, x, y, last):
         # the active units: the z coordinates whose E_q[z|x,y] varies (Burda et al. 2015)
         out["active_units"] = int((means.var(0) > 0.01).sum())
         out["eval_centroid_accuracy"] = centroid_accuracy(means, y)
+    if cfg.labels:                                               # M2's classifier q(y|x)
+        q_y = sess.run(g.q_y, {g.x_in: x})
+        out["eval_classifier_accuracy"] = (q_y.argmax(1) == y).mean()
     if cfg.conditional:
         out["eval_log_px_y"] = est["log_px"].mean()
     else:
@@ -679,6 +733,12 @@ class Model(contextlib.AbstractContextManager):
             raise UserError("the VAE has no labels to classify with; train a CVAE")
         return posterior(self.sess, self.g, self.cfg, self._binary(x))
 
+    def classifier(self, x):
+        """M2's q(y|x) [n, 10], of a run with LABELS (classify is Bayes' rule on p(x|y))."""
+        if self.g.q_y is None:
+            raise UserError("only a run with LABELS has the classifier q(y|x); see classify")
+        return self.sess.run(self.g.q_y, {self.g.x_in: self._binary(x)})
+
     def log_likelihood(self, x, y=None, samples=1000):
         """log p(x|y) [n] in nats (the VAE: log p(x)), importance-sampled."""
         x = self._binary(x)
@@ -720,6 +780,8 @@ class Config:
     objective: str = OBJECTIVE
     train_samples: int = TRAIN_SAMPLES
     analytic_kl: bool = ANALYTIC_KL
+    labels: int = LABELS
+    alpha: float = ALPHA
     ema_decay: float = EMA_DECAY
     ema_every: int = EMA_EVERY
     save_freq: int = SAVE_FREQ
@@ -761,6 +823,8 @@ RULES = dict(
     hidden_units=_whole(1), learning_rate=_number("a number > 0", lambda v: v > 0),
     objective=("'elbo' or 'iwae'", lambda v: v in ("elbo", "iwae")),
     train_samples=_whole(1), analytic_kl=FLAG,
+    labels=("0, or a multiple of 10", lambda v: type(v) is int and v >= 0 and v % N_CLASSES == 0),
+    alpha=_number("a number >= 0", lambda v: v >= 0),
     ema_decay=_number("in [0, 1) (0 = off)", lambda v: 0 <= v < 1), ema_every=_whole(1),
     save_freq=_whole(1), samples_per_class=_whole(1), test_freq=_whole(1),
     ll_samples=_whole(1), ll_samples_interim=_whole(1), mixture_labels=_whole(1, 10),
@@ -771,10 +835,11 @@ RULES = dict(
     my_digits=("a list of image file names",
                lambda v: isinstance(v, (list, tuple)) and all(isinstance(p, str) for p in v)))
 # The settings that make a checkpoint's model what it is: a resumed run must match them.
-MODEL_SETTINGS = ["conditional", "z_dim", "hidden_units", "ema_decay", "ema_every", "validation"]
+MODEL_SETTINGS = ["conditional", "z_dim", "hidden_units", "ema_decay", "ema_every", "validation",
+                  "labels"]
 # The settings that shape training: a resumed run may change them, and says so.
 TRAINING_SETTINGS = ["learning_rate", "batch_size", "objective", "train_samples", "analytic_kl",
-                     "seed", "train_limit"]
+                     "alpha", "seed", "train_limit"]
 
 
 # ---- Speed: the training set staged in the graph -----------------------------------------------
@@ -788,7 +853,12 @@ class TrainingSet:
     order: tf.Tensor         # [steps * B] the epoch's order of the digits
     prepare: tf.Operation    # stages the epoch: order, binarize (epoch_key's data half)
     x: tf.Tensor             # [B, 784] the step's digits, binarized ...
-    y: tf.Tensor             # [B] ... and their labels
+    y: tf.Tensor             # [B] ... and their labels (M2: zeros, never fed)
+    x_labelled: tf.Tensor = None          # M2: [B, 784] labelled digits drawn for the step ...
+    y_labelled: tf.Tensor = None          # ... and their labels [B]
+    x_labelled_all: tf.Tensor = None      # placeholders [LABELS, 784], [LABELS] that `load` copies
+    y_labelled_all: tf.Tensor = None
+    labelled_digits: tf.Variable = None   # [LABELS] their indices in x_train, checkpointed
 
 
 def stage_training_set(cfg, key, t):
@@ -806,8 +876,29 @@ def stage_training_set(cfg, key, t):
     start = t * cfg.batch_size
     x = tf.cast(tf.slice(x_epoch.value(), [start, 0], [cfg.batch_size, X_DIM]), tf.float32)
     y = tf.slice(y_epoch.value(), [start], [cfg.batch_size])
+    labelled = {}
+    if cfg.labels:
+        labelled = stage_labelled_set(cfg, key, t)
     return TrainingSet(x_all=x_all, y_all=y_all, load=tf.local_variables_initializer(),
-                       order=order, prepare=prepare, x=x, y=y)
+                       order=order, prepare=prepare, x=x, y=y, **labelled)
+
+
+def stage_labelled_set(cfg, key, t):
+    """M2's labelled digits kept in the graph: for step t, B of them drawn with replacement and
+    binarized, keyed by the stateless key [2]; TrainingSet's labelled fields."""
+    x_all = tf.placeholder(tf.float32, [cfg.labels, X_DIM], "x_labelled_all")
+    y_all = tf.placeholder(tf.int32, [cfg.labels], "y_labelled_all")
+    x_kept = tf.get_local_variable("x_labelled", initializer=x_all)
+    y_kept = tf.get_local_variable("y_labelled", initializer=y_all)
+    pick_key, lit_key = tf.unstack(tf.random.experimental.stateless_split(
+        tf.random.experimental.stateless_fold_in(key, t), 2))
+    pick = tf.random.stateless_uniform([cfg.batch_size], pick_key, 0, cfg.labels, tf.int32)
+    x = tf.gather(x_kept, pick)
+    lit = tf.random.stateless_uniform(tf.shape(x), lit_key) < x          # x ~ Bernoulli(pixel)
+    digits = tf.get_variable("labelled_digits", [cfg.labels], tf.int32, tf.zeros_initializer(),
+                             trainable=False)
+    return dict(x_labelled=tf.cast(lit, tf.float32), y_labelled=tf.gather(y_kept, pick),
+                x_labelled_all=x_all, y_labelled_all=y_all, labelled_digits=digits)
 
 
 # ---- The run's frame: open_run holds the lock, the session and the records ---------------------
@@ -844,8 +935,8 @@ class Run:
     epoch: "int | None" = None     # the epoch under way, for a stop's message
 
     @property
-    def n_train(self):
-        return len(self.data["x_train"])
+    def n_train(self):                 # the digits of an epoch: M2's unlabelled ones
+        return len(self.data["x_train"]) - self.cfg.labels
 
     def epochs(self, last):
         """Epochs done + 1 .. last, each noted as the one under way (for a stop's message)."""
@@ -1030,14 +1121,33 @@ def restore_or_init(sess, g, cfg, data):
     done = restore(sess, g, cfg) or 0
     if not done:
         sess.run(g.init)
-    sess.run(g.data.load, {g.data.x_all: data["x_train"], g.data.y_all: data["y_train"]})
-    g.log_prior.load(label_log_prior(data["y_train"]), sess)
+    load_training_set(sess, g, cfg, data, done)
+    g.log_prior.load(label_log_prior(data["y_train"], cfg), sess)
     if 0 < done < cfg.epochs:
         note_changed_settings(cfg, done)
     rows = read_metrics(_paths(cfg)["metrics"])
     if any(r["epoch"] > done for r in rows):
         write_metrics(_paths(cfg)["metrics"], [r for r in rows if r["epoch"] <= done])
     return done
+
+
+def load_training_set(sess, g, cfg, data, done):
+    """Copies the training digits into the graph; with LABELS, data["labelled"] (the
+    checkpoint's where resumed) with their labels, the rest without theirs."""
+    if not cfg.labels:
+        sess.run(g.data.load, {g.data.x_all: data["x_train"], g.data.y_all: data["y_train"]})
+        return
+    if done:
+        data["labelled"] = sess.run(g.data.labelled_digits)
+        if data["labelled"].max() >= len(data["x_train"]):
+            raise UserError(f"{_shown(cfg.results_dir)}/ holds a run whose labelled digits go "
+                            f"beyond the {len(data['x_train'])} of TRAIN_LIMIT; raise it")
+    g.data.labelled_digits.load(data["labelled"], sess)
+    rest = np.setdiff1d(np.arange(len(data["x_train"])), data["labelled"])
+    sess.run(g.data.load, {g.data.x_all: data["x_train"][rest],
+                           g.data.y_all: np.zeros(len(rest), np.int32),   # never their labels
+                           g.data.x_labelled_all: data["x_train"][data["labelled"]],
+                           g.data.y_labelled_all: data["y_train"][data["labelled"]]})
 
 
 def note_changed_settings(cfg, done):
@@ -1199,8 +1309,27 @@ def prepare_data(cfg):
                         f"training digits{fix}")
     x_eval = binarize(x_eval, EVAL_SET_KEY)
     n_eval = cfg.test_limit or len(x_eval)
-    return dict(x_train=x_train, y_train=y_train, x_figures=x_eval, y_figures=y_eval,
+    data = dict(x_train=x_train, y_train=y_train, x_figures=x_eval, y_figures=y_eval,
                 x_eval=x_eval[:n_eval], y_eval=y_eval[:n_eval])
+    if cfg.labels:
+        data["labelled"] = labelled_digits(cfg, y_train)
+    return data
+
+
+def labelled_digits(cfg, y):
+    """The indices [LABELS] of the training digits (labels y [N]) that keep their label for M2:
+    LABELS // 10 of each class, drawn by SEED; a one-line error where there are too few."""
+    counts = np.bincount(y, minlength=N_CLASSES)
+    if cfg.labels > N_CLASSES * counts.min():
+        raise UserError(f"LABELS = {cfg.labels} needs {cfg.labels // N_CLASSES} digits of each "
+                        f"class; the {len(y)} training digits have {counts.min()} of digit "
+                        f"{counts.argmin()}: lower LABELS or raise TRAIN_LIMIT")
+    if len(y) - cfg.labels < cfg.batch_size:
+        raise UserError(f"LABELS = {cfg.labels} leaves {len(y) - cfg.labels} unlabelled training "
+                        f"digits, fewer than BATCH_SIZE = {cfg.batch_size}: lower one of them")
+    order = random_generator(cfg.seed, STREAM_LABELLED).permutation(len(y))
+    per_class = [order[y[order] == k][:cfg.labels // N_CLASSES] for k in range(N_CLASSES)]
+    return np.sort(np.concatenate(per_class))
 
 
 def binarize(x, seed):
@@ -1434,6 +1563,9 @@ def validate_config(cfg):
     for name, (words, ok) in RULES.items():
         if not ok(getattr(cfg, name)):
             raise UserError(f"{name.upper()} = {getattr(cfg, name)!r}: it must be {words}")
+    if cfg.labels and (not cfg.conditional or cfg.objective != "elbo"):
+        raise UserError(f"LABELS = {cfg.labels} trains M2, a CVAE on the ELBO: set CONDITIONAL = "
+                        "True and OBJECTIVE = 'elbo', or LABELS = 0")
     try:
         os.makedirs(cfg.results_dir, exist_ok=True)
         tempfile.TemporaryFile(dir=cfg.results_dir).close()
