@@ -4,7 +4,8 @@ p(z) = N(0, I), p(x|z,y) = Bernoulli(sigmoid(f(z, y))), q(z|x,y) = N(mu(x, y), s
 MLPs of two 500-unit ReLU layers (Kingma & Welling 2014; Sohn et al. 2015), trained by SGVB on
 the ELBO E_q[log p(x|z,y)] - KL(q(z|x,y) || p(z)) <= log p(x|y) and evaluated by importance
 sampling (Burda et al. 2015), with the label mixture log p(x) = log sum_y p(y) p(x|y) and its
-Bayes classifier. CONDITIONAL = False is the seed's VAE. README.md has the derivation.
+Bayes classifier. CONDITIONAL = False is the seed's VAE; LABELS = 100 the semi-supervised M2
+(Kingma et al. 2014), which learns from 100 labelled digits. README.md has the derivations.
 
 Run `python cvae_mnist.py` (`--help` lists the settings; `--epochs=1 --z_dim=2` sets two), or
 edit the constants below; then, from Python, `with cvae_mnist.load("results") as model: ...`.
@@ -179,9 +180,10 @@ def iwae(x, y, cfg, seed):
 
 def m2(x_u, x_l, y_l, cfg, seed):
     """Kingma et al. 2014's M2 for unlabelled digits x_u [B, 784] and labelled x_l [B, 784],
-    y_l [B], p(y) uniform: labelled [B] = L(x,y) = ELBO(x,y) + log p(y); unlabelled [B] = U(x) =
-    sum_y q(y|x) L(x,y) + H(q(y|x)) <= log p(x), the ten labels enumerated in one batch of 10B
-    (digit-major); xent [B] = -log q(y_l|x_l), which the bounds leave untrained on x_l."""
+    y_l [B], p(y) uniform: labelled [B] = ELBO(x,y) + log p(y) <= log p(x,y); unlabelled [B] =
+    U(x) = sum_y q(y|x) [ELBO(x,y) + log p(y)] + H(q(y|x)) <= log p(x), the ten labels enumerated
+    in one batch of 10B (digit-major); xent [B] = -log q(y_l|x_l): q(y|x) gets no gradient from
+    the labelled bound, and this term gives it one."""
     seed_l, seed_u = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     log_p_y = -math.log(N_CLASSES)
     labelled = elbo(x_l, y_l, cfg, seed_l)["elbo"] + log_p_y
@@ -465,7 +467,8 @@ def evaluate(sess, g, cfg, x, y, last):
     if cfg.conditional and last:
         log_prior = sess.run(g.log_prior)
         # the Bayes classifier argmax_y p(y|x) as Model.classify computes it, blind to y
-        joint = label_scores(sess, g, cfg, x, log_prior, known=(y, est["log_px"]))
+        joint = label_scores(sess, g, cfg, x, log_prior, known_labels=y,
+                             known_log_px=est["log_px"])
         out["eval_accuracy"] = (joint.argmax(1) == y).mean()
         # log p(x) = log sum_y p(y) p(x|y) with the true label's full estimate, refined or not:
         # a better estimate of one term only tightens the bound
@@ -489,12 +492,12 @@ def importance_sampled(sess, g, cfg, x, y, n_samples, stream):
     return out
 
 
-def label_scores(sess, g, cfg, x, log_prior, known=None):
+def label_scores(sess, g, cfg, x, log_prior, known_labels=None, known_log_px=None):
     """log p(y') + log p(x|y') [N, 10] for every label y' of x [N, 784]: a cheap pass with
     LL_SAMPLES / CHEAP_SHARE samples, then LL_SAMPLES for each digit's MIXTURE_LABELS best by the
-    cheap pass, chosen without its label, as a classifier must. known = (labels [N], log_px [N]),
-    a full estimate made already for one label of each digit, is reused where that label is among
-    the best. So the cost is bounded whatever the model; the labels left with the cheap estimate
+    cheap pass, chosen without its label, as a classifier must. known_log_px [N], a full estimate
+    made already for one label known_labels [N] of each digit, is reused where it is among the
+    best. So the cost is bounded whatever the model; the labels left with the cheap estimate
     (biased low) are nats below the best after training, and add little to the sum."""
     n = len(x)
     log_px = importance_sampled(sess, g, cfg, np.repeat(x, N_CLASSES, 0),
@@ -504,8 +507,7 @@ def label_scores(sess, g, cfg, x, log_prior, known=None):
     best = np.argsort(-(log_prior + log_px), 1)[:, :cfg.mixture_labels]   # [N, MIXTURE_LABELS]
     digit = np.repeat(np.arange(n), cfg.mixture_labels)
     label = best.ravel()
-    if known is not None:
-        known_labels, known_log_px = known
+    if known_labels is not None:
         reused = label == known_labels[digit]
         log_px[digit[reused], label[reused]] = known_log_px[digit[reused]]
         digit, label = digit[~reused], label[~reused]
@@ -763,7 +765,8 @@ load = Model   # with cvae_mnist.load("results") as model: sevens = model.sample
 # PLUMBING: what a run needs and the model does not: the settings' rules, the staged training set,
 # records and checkpoints, the lock, data fetching and checks, errors, signals, the command line.
 # Nothing below is needed to change the model, the objective or the optimizer. The science calls
-# one speed helper from here: read stage_training_set as a batch of binarized digits.
+# one speed helper from here: read stage_training_set as a batch of binarized digits (with
+# LABELS, and B labelled ones drawn with replacement from LABELS // 10 a class, chosen by SEED).
 # ================================================================================================
 
 # ---- Settings: Config holds the constants for a run; RULES say what each may be ---------------
@@ -1171,6 +1174,7 @@ def restore(sess, g, cfg):
     if state is None:
         return None
     saved = _read_json(_paths(cfg)["settings"])
+    saved.setdefault("labels", 0)             # runs from before LABELS knew every label
     for name in MODEL_SETTINGS:
         if saved.get(name, getattr(cfg, name)) != getattr(cfg, name):
             raise UserError(f"{cfg.results_dir}/ holds a checkpoint made with {name.upper()} = "

@@ -8,6 +8,7 @@ classifier would be without the unlabelled digits. Without STEPS, on VALIDATION'
 validation error every 250 steps up to 5,000, and the step count with the lowest. With STEPS,
 on the full training set's draw: the test error after that many steps.
 """
+import argparse
 import dataclasses
 import os
 import sys
@@ -62,5 +63,11 @@ def main(labels, seed, steps=None):
 
 
 if __name__ == "__main__":
-    args = [int(a) for a in sys.argv[1:]]
-    main(*args)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("labels", type=int, help="labelled digits, a multiple of 10 (>= 10)")
+    parser.add_argument("seed", type=int, help="the SEED that draws them")
+    parser.add_argument("steps", type=int, nargs="?", help="train this long, then test")
+    args = parser.parse_args()
+    if args.labels < 10 or args.labels % 10:
+        parser.error("LABELS must be a multiple of 10, at least 10")
+    main(args.labels, args.seed, args.steps)

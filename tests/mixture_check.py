@@ -72,7 +72,7 @@ def main(results, n):
             cfg2 = dataclasses.replace(cfg, mixture_labels=labels)
             start = time.time()
             fed.clear()
-            joint = c.label_scores(sess, g, cfg2, x, log_prior, known=(y, own))
+            joint = c.label_scores(sess, g, cfg2, x, log_prior, known_labels=y, known_log_px=own)
             guess = joint.argmax(1)                       # the classifier's: blind to y
             joint[np.arange(n), y] = log_prior[y] + own    # log p(x) as evaluate takes it
             cost = 1 + sum(fed) / (n * cfg.ll_samples)     # with the log p(x|y) pass

@@ -47,7 +47,7 @@ def evaluation_scores(model, x, y):
     cfg = model.cfg
     own = cm.importance_sampled(model.sess, model.g, cfg, x, y, cfg.ll_samples, cm.STREAM_EVAL)
     return cm.label_scores(model.sess, model.g, cfg, x, model.sess.run(model.g.log_prior),
-                           known=(y, own["log_px"]))
+                           known_labels=y, known_log_px=own["log_px"])
 
 
 # classify and the evaluation estimate the same scores with different draws. Measured between

@@ -317,7 +317,8 @@ def mixture_passes(model, log_prior, seeds):
     for seed in seeds:
         cfg = dataclasses.replace(one_dim_config(), seed=seed)
         log_px_y = cm.importance_sampled(sess, g, cfg, x, y, 1000, cm.STREAM_EVAL)["log_px"]
-        scores = cm.label_scores(sess, g, cfg, x, log_prior, known=(y, log_px_y))
+        scores = cm.label_scores(sess, g, cfg, x, log_prior, known_labels=y,
+                                 known_log_px=log_px_y)
         mixtures.append(np.logaddexp.reduce(scores, 1))
         guesses.append(scores.argmax(1))
     return np.array(mixtures), np.array(guesses)
@@ -398,7 +399,7 @@ def test_the_mixture_refines_the_best_labels_chosen_without_the_true_one(monkeyp
     x, no_prior = np.array([[0.0], [1.0]]), np.zeros(10)
     best = [(0, 9 - k) for k in range(labels)] + [(1, k) for k in range(labels)]
     scores = cm.label_scores(None, None, cfg, x, no_prior,
-                             known=(np.array([3, 3]), np.array([-7.0, -7.0])))
+                             known_labels=np.array([3, 3]), known_log_px=np.array([-7.0, -7.0]))
     assert refined[0] == sorted(pair for pair in best if pair[1] != 3)
     if labels == 10:
         assert (scores[:, 3] == -7).all()                      # among the best: reused
