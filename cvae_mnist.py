@@ -36,7 +36,7 @@ OBJECTIVE = "elbo"       # the bound trained: "elbo" (SGVB) or "iwae" (importanc
 TRAIN_SAMPLES = 1        # z samples per digit in the bound's estimate (IWAE's K)
 ANALYTIC_KL = True       # ELBO: closed-form KL(q||p); False = Monte-Carlo KL (ZhuSuan's sgvb)
 LABELS = 0               # training digits that keep their label (M2, semi-supervised); 0 = all
-ALPHA = 1000             # M2: the weight of the classifier's -log q(y|x) on labelled digits
+ALPHA = 100              # M2: the weight of the classifier's -log q(y|x) on labelled digits
 EMA_DECAY = 0.999        # evaluate and draw with weights averaged at this decay per step; 0 = off
 EMA_EVERY = 10           # update that average every this many steps (a tenth of the cost)
 SAVE_FREQ = 10           # write the figures every this many epochs (and after the last)
