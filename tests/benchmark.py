@@ -3,7 +3,8 @@
 Prints the CPU's model, then, for the default settings:
 - training: steps per second of whole epochs of the real train_epoch (data handling, every
   fetch and check, the weight average every EMA_EVERY steps: what the log's `Epoch N (Ts)`
-  measures), for the ELBO and for the IWAE bound with K = 5, against the matmul ceiling: the
+  measures), for the ELBO, the IWAE bound with K = 5 and M2 with LABELS = 100 (its steps of
+  B unlabelled digits, each with ten labels), against the matmul ceiling: the
   step's 17 multiplies (forward, and the weight and input gradients, but x's, of the six
   layers) run alone, side by side;
 - three plain-TensorFlow steps of the same model, data in memory, no TFP (multiplies, bias and
@@ -13,7 +14,7 @@ Prints the CPU's model, then, for the default settings:
 - with --against REV: whole epochs of revision REV's cvae_mnist.py (git show), in float32
   (an older revision's PRECISION set so), interleaved with this one's;
 - the import and graph-build times, and the peak memory of a real default run.
-Last lines: `train/matmul ratio` and `IWAE K = 5/ELBO epoch speed`.
+Last lines: `train/matmul ratio`, `IWAE K = 5/ELBO epoch speed` and `M2/ELBO step speed`.
 
 This machine's speed drifts from minute to minute (other work on the host), so every
 measurement gets one timed window per round, and each ratio is the median over rounds of the
@@ -174,9 +175,13 @@ def training_runner(cm, cfg, data):
     sess = session(cm, cfg, g.graph, g.init)
     if hasattr(g, "load_data"):      # a revision from before the Graph dataclass
         sess.run(g.load_data, {g.x_data: data["x_train"], g.y_data: data["y_train"]})
+    elif getattr(cfg, "labels", 0):  # M2: the labelled digits apart, as a run loads them
+        data = dict(data, labelled=cm.labelled_digits(cfg, data["y_train"]))
+        with g.graph.as_default():   # as in a run: Variable.load takes the graph's session
+            cm.load_training_set(sess, g, cfg, data, 0)
     else:
         sess.run(g.data.load, {g.data.x_all: data["x_train"], g.data.y_all: data["y_train"]})
-    n = len(data["x_train"])
+    n = len(data["x_train"]) - getattr(cfg, "labels", 0)
     epoch = iter(range(1, 10 ** 6))
     return dict(epoch=lambda: cm.train_epoch(sess, g, cfg, next(epoch), n), g=g, sess=sess)
 
@@ -264,7 +269,8 @@ def main(against=None):
 
     default = training_runner(cm, cfg, data)
     iwae5 = training_runner(cm, cm.Config(objective="iwae", train_samples=5), data)
-    runners = {"train": default["epoch"], "iwae5": iwae5["epoch"]}
+    m2 = training_runner(cm, cm.Config(labels=100), data)
+    runners = {"train": default["epoch"], "iwae5": iwae5["epoch"], "m2": m2["epoch"]}
     if against:                             # that revision's own defaults, in float32
         old = revision(against, tempfile.mkdtemp())
         runners["old"] = training_runner(old, float32_config(old), data)["epoch"]
@@ -282,7 +288,8 @@ def main(against=None):
               "mm": "plain-TF step: multiplies, bias, ReLU; gradient descent",
               "terms": "plain-TF step: + the ELBO's terms (Bernoulli, KL)",
               "adam": "plain-TF step: + Adam (the real step's maths, data in memory)",
-              "iwae5": "train_epoch of the IWAE bound, K = 5"}
+              "iwae5": "train_epoch of the IWAE bound, K = 5",
+              "m2": "train_epoch of M2, LABELS = 100 (steps of B unlabelled digits)"}
     if against:
         labels["old"] = f"train_epoch of revision {against}, float32"
     train = report("training", "steps/s", rates, "ceiling", labels)
@@ -303,11 +310,12 @@ def main(against=None):
     print(f"evaluation/matmul ratio: {evals['eval']:.2f}")
     print(f"peak memory of a default run: {peak:.0f} MB")
     within = {name: np.median(np.array(rates[name]) / np.array(rates["train"]))
-              for name in ("old", "iwae5") if name in rates}
+              for name in ("old", "iwae5", "m2") if name in rates}
     if against:
         print(f"{against}/this epoch speed: {within['old']:.2f}")
     print(f"train/matmul ratio: {train['train']:.2f}")
     print(f"IWAE K = 5/ELBO epoch speed: {within['iwae5']:.2f}")
+    print(f"M2/ELBO step speed: {within['m2']:.2f}")
 
 
 if __name__ == "__main__":

@@ -63,3 +63,12 @@ def test_other_revisions_in_float32_and_the_cpu_line(tmp_path):
         epochs: int = 50
     assert bm.float32_config(types.SimpleNamespace(Config=Config)) == Config("float32", 50)
     assert bm.cpu() and "\n" not in bm.cpu()
+
+
+def test_the_m2_runner_trains_epochs_of_unlabelled_steps(mnist):
+    """The benchmark loads M2's labelled digits apart, as a run does, and steps over the rest."""
+    cfg = dataclasses.replace(tiny(), labels=20)
+    data = dict(x_train=mnist["x_train"][:400], y_train=mnist["y_train"][:400])
+    stats = bm.training_runner(cm, cfg, data)["epoch"]()
+    assert sorted(stats) == ["labelled", "unlabelled", "xent"]
+    assert np.isfinite(list(stats.values())).all() and stats["unlabelled"] < 0
