@@ -698,7 +698,7 @@ class Model(contextlib.AbstractContextManager):
     in [0, 1], binarized as the evaluation digits are (a fixed key, so binary x stays as it is)."""
 
     def __init__(self, results_dir):
-        saved = _read_json(os.path.join(results_dir, "checkpoints", "settings.json"))
+        saved = read_settings(os.path.join(results_dir, "checkpoints", "settings.json"))
         self.cfg = dataclasses.replace(Config(), results_dir=results_dir,
                                        **{k: saved[k] for k in MODEL_SETTINGS if k in saved})
         self.g = build_graph(self.cfg)
@@ -1156,8 +1156,7 @@ def load_training_set(sess, g, cfg, data, done):
 def note_changed_settings(cfg, done):
     """Names, in one line, each setting that shapes training and differs from the checkpoint's,
     old -> new; settings.json keeps them, with the epoch from which they hold."""
-    saved = _read_json(_paths(cfg)["settings"])
-    saved.setdefault("objective", "elbo")     # runs from before OBJECTIVE trained the ELBO
+    saved = read_settings(_paths(cfg)["settings"])
     old = {name: saved[name] for name in TRAINING_SETTINGS if name in saved}
     new = {name: getattr(cfg, name) for name in TRAINING_SETTINGS}
     changed = {name: [old[name], new[name]] for name in old if old[name] != new[name]}
@@ -1173,8 +1172,7 @@ def restore(sess, g, cfg):
     state = tf.train.get_checkpoint_state(_paths(cfg)["ckpt"])
     if state is None:
         return None
-    saved = _read_json(_paths(cfg)["settings"])
-    saved.setdefault("labels", 0)             # runs from before LABELS knew every label
+    saved = read_settings(_paths(cfg)["settings"])
     for name in MODEL_SETTINGS:
         if saved.get(name, getattr(cfg, name)) != getattr(cfg, name):
             raise UserError(f"{cfg.results_dir}/ holds a checkpoint made with {name.upper()} = "
@@ -1195,6 +1193,19 @@ def restore(sess, g, cfg):
         return int(sess.run(g.epoch))
     raise UserError(f"no checkpoint in {_shown(_paths(cfg)['ckpt'])}/ could be read; set RESUME "
                     "= False to start fresh")
+
+
+# What a run from before a setting existed did: it trained the ELBO, and knew every label.
+OLDER_RUNS = dict(objective="elbo", labels=0)
+
+
+def read_settings(path):
+    """A run's settings.json, OLDER_RUNS filling what an older version did not write; {} where
+    there is none to read."""
+    saved = _read_json(path)
+    if not saved:
+        return saved
+    return dict(OLDER_RUNS, **saved)
 
 
 def _read_json(path):
