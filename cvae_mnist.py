@@ -35,7 +35,7 @@ LEARNING_RATE = 1e-3     # Adam step size
 OBJECTIVE = "elbo"       # the bound trained: "elbo" (SGVB) or "iwae" (importance weighted)
 TRAIN_SAMPLES = 1        # z samples per digit in the bound's estimate (IWAE's K)
 ANALYTIC_KL = True       # ELBO: closed-form KL(q||p); False = Monte-Carlo KL (ZhuSuan's sgvb)
-LABELS = 0               # training digits that keep their label (M2, semi-supervised); 0 = all
+LABELS = 0               # training digits that keep their label (M2; a multiple of 10); 0 = all
 ALPHA = 100              # M2: the weight of the classifier's -log q(y|x) on labelled digits
 EMA_DECAY = 0.999        # evaluate and draw with weights averaged at this decay per step; 0 = off
 EMA_EVERY = 10           # update that average every this many steps (a tenth of the cost)
@@ -104,7 +104,7 @@ def prior(cfg):
 
 def label_log_prior(y_train, cfg):
     """log p(y) [10]: the class frequencies of the training labels y_train [N] (numpy); M2's
-    p(y) is uniform, as most labels are unknown."""
+    model fixes p(y) uniform (frequencies would read the labels it must not see)."""
     if cfg.labels:
         return np.full(N_CLASSES, -np.log(N_CLASSES), np.float32)
     return np.log(np.bincount(y_train, minlength=N_CLASSES) / len(y_train)).astype(np.float32)
@@ -180,23 +180,24 @@ def iwae(x, y, cfg, seed):
 
 def m2(x_u, x_l, y_l, cfg, seed):
     """Kingma et al. 2014's M2 for unlabelled digits x_u [B, 784] and labelled x_l [B, 784],
-    y_l [B], p(y) uniform: labelled [B] = ELBO(x,y) + log p(y) <= log p(x,y); unlabelled [B] =
-    U(x) = sum_y q(y|x) [ELBO(x,y) + log p(y)] + H(q(y|x)) <= log p(x), the ten labels enumerated
-    in one batch of 10B (digit-major); xent [B] = -log q(y_l|x_l): q(y|x) gets no gradient from
-    the labelled bound, and this term gives it one."""
+    y_l [B], p(y) uniform: labelled [B] = ELBO(x,y) + log p(y) <= log p(x,y) (the README's
+    M(x,y)); unlabelled [B] = U(x) = sum_y q(y|x) M(x,y) + H(q(y|x)) <= log p(x), the ten
+    labels enumerated in one batch of 10B (digit-major); xent [B] = -log q(y_l|x_l): q(y|x) gets
+    no gradient from the labelled bound, and this term gives it one."""
     seed_l, seed_u = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     log_p_y = -math.log(N_CLASSES)
     labelled = elbo(x_l, y_l, cfg, seed_l)["elbo"] + log_p_y
-    every = tf.tile(tf.range(N_CLASSES), tf.shape(x_u)[:1])                 # [10B] 0..9, 0..9
-    each = elbo(tf.repeat(x_u, N_CLASSES, 0), every, cfg, seed_u)["elbo"] + log_p_y
+    y_enumerated = tf.tile(tf.range(N_CLASSES), tf.shape(x_u)[:1])         # [10B] 0..9, 0..9
+    bound_per_label = elbo(tf.repeat(x_u, N_CLASSES, 0), y_enumerated, cfg, seed_u)["elbo"]
+    bound_per_label = tf.reshape(bound_per_label + log_p_y, [-1, N_CLASSES])   # [B, 10]
     q = classifier(x_u, cfg)
-    expected = tf.reduce_sum(q.probs_parameter() * tf.reshape(each, [-1, N_CLASSES]), 1)
+    expected = tf.reduce_sum(q.probs_parameter() * bound_per_label, 1)
     return dict(unlabelled=expected + q.entropy(), labelled=labelled,
                 xent=-classifier(x_l, cfg).log_prob(y_l))
 
 
 def training_objective(x, y, cfg, seed, x_labelled=None, y_labelled=None):
-    """What a step logs (the bound and the ELBO's terms, means over the batch, by name), the
+    """What a step logs (the bound and its terms, means over the batch, by name), the
     name of the bound trained, and what the optimizer minimizes for the variables under each
     scope: for the ELBO, minus the ELBO for all; for IWAE, minus the bound for the decoder
     (its gradient is the bound's) and minus dreg for the encoder. M2 (LABELS): x [B, 784]
@@ -267,7 +268,7 @@ class Graph:
     stats: dict                    # {name: scalar} what each step logs: the bound and terms
     bound: str                     # the name in stats of the bound that is trained
     train_op: tf.Operation         # one Adam step (and, when due, the weights' average)
-    log_prior: tf.Variable         # log p(y) [10], the training set's class frequencies
+    log_prior: tf.Variable         # log p(y) [10]: label_log_prior
     x_in: tf.Tensor                # evaluation and figures: digits [N, 784] ...
     y_in: tf.Tensor                # ... their labels [N] ...
     k_in: tf.Tensor                # ... importance samples per digit ...
@@ -363,7 +364,7 @@ def train_epoch(sess, g, cfg, epoch, n_train):
     for t in range(steps):
         _, stats = sess.run([g.train_op, g.stats], {g.epoch_key: key, g.batch_in_epoch: t})
         if not all(np.isfinite(value) for value in stats.values()):
-            raise diverged(cfg, epoch, f"step {t + 1}/{steps}", stats[g.bound])
+            raise diverged(cfg, epoch, f"step {t + 1}/{steps}", stats)
         for name, value in stats.items():
             total[name] += float(value) / steps
     return total
@@ -856,7 +857,7 @@ class TrainingSet:
     order: tf.Tensor         # [steps * B] the epoch's order of the digits
     prepare: tf.Operation    # stages the epoch: order, binarize (epoch_key's data half)
     x: tf.Tensor             # [B, 784] the step's digits, binarized ...
-    y: tf.Tensor             # [B] ... and their labels (M2: zeros, never fed)
+    y: tf.Tensor             # [B] ... and their labels (M2: zeros are loaded, never labels)
     x_labelled: tf.Tensor = None          # M2: [B, 784] labelled digits drawn for the step ...
     y_labelled: tf.Tensor = None          # ... and their labels [B]
     x_labelled_all: tf.Tensor = None      # placeholders [LABELS, 784], [LABELS] that `load` copies
@@ -1009,9 +1010,11 @@ def _count(n, word):
     return f"{n} {word}s"
 
 
-def diverged(cfg, epoch, where, bound):
-    """The UserError of a bound that is no longer a finite number."""
-    return UserError(_stop_line(cfg, f"the loss became {-bound} at epoch {epoch}, {where}",
+def diverged(cfg, epoch, where, stats):
+    """The UserError of a step that logged {name: value} not all finite: it names those."""
+    bad = ", ".join(f"{name} = {value}" for name, value in stats.items()
+                    if not np.isfinite(value))
+    return UserError(_stop_line(cfg, f"the loss is not finite at epoch {epoch}, {where} ({bad})",
                                 epoch - 1, "lower LEARNING_RATE and run again"))
 
 

@@ -209,10 +209,10 @@ def test_settings_from_the_command_line(small_data_dir, tmp_path):
 
 
 @pytest.mark.parametrize("epoch, message", [
-    (2, r"the loss became nan at epoch 2, step 1/4; epochs 1\.\.1 are saved in .*/: lower "
-        r"LEARNING_RATE and run again to resume"),
-    (1, r"the loss became nan at epoch 1, step 1/4; no epoch is saved in .*/ yet: lower "
-        r"LEARNING_RATE and run again")])
+    (2, r"the loss is not finite at epoch 2, step 1/4 \(elbo = nan, recon = nan\); epochs "
+        r"1\.\.1 are saved in .*/: lower LEARNING_RATE and run again to resume"),
+    (1, r"the loss is not finite at epoch 1, step 1/4 \(elbo = nan, recon = nan\); no epoch "
+        r"is saved in .*/ yet: lower LEARNING_RATE and run again")])
 def test_nan_stops_with_epoch_and_step_and_says_what_is_saved(mnist, epoch, message):
     cfg = dataclasses.replace(cm.Config(), z_dim=4, hidden_units=32)
     g = cm.build_graph(cfg)
@@ -228,6 +228,15 @@ def test_nan_stops_with_epoch_and_step_and_says_what_is_saved(mnist, epoch, mess
         sess.run(poison)
         with pytest.raises(cm.UserError, match=f"^{message}$"):
             cm.train_epoch(sess, g, cfg, epoch, 512)
+
+
+def test_divergence_names_the_quantity_that_is_not_finite():
+    # M2's loss is -U - M + ALPHA xent: an infinite xent alone leaves both bounds finite.
+    stats = dict(unlabelled=np.float32(-100.0), labelled=np.float32(-90.0),
+                 xent=np.float32(np.inf))
+    error = cm.diverged(cm.Config(results_dir="somewhere"), 3, "step 2/4", stats)
+    assert str(error).startswith("the loss is not finite at epoch 3, step 2/4 (xent = inf); "
+                                 "epochs 1..2 are saved in "), str(error)
 
 
 def wait_for_rows(path, n, proc, timeout=120):
