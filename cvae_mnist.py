@@ -1143,17 +1143,18 @@ def load_training_set(sess, g, cfg, data, done):
     if not cfg.labels:
         sess.run(g.data.load, {g.data.x_all: data["x_train"], g.data.y_all: data["y_train"]})
         return
+    labelled = data["labelled"]
     if done:
-        data["labelled"] = sess.run(g.data.labelled_digits)
-        if data["labelled"].max() >= len(data["x_train"]):
+        labelled = sess.run(g.data.labelled_digits)
+        if labelled.max() >= len(data["x_train"]):
             raise UserError(f"{_shown(cfg.results_dir)}/ holds a run whose labelled digits go "
                             f"beyond the {len(data['x_train'])} of TRAIN_LIMIT; raise it")
-    g.data.labelled_digits.load(data["labelled"], sess)
-    rest = np.setdiff1d(np.arange(len(data["x_train"])), data["labelled"])
+    g.data.labelled_digits.load(labelled, sess)
+    rest = np.setdiff1d(np.arange(len(data["x_train"])), labelled)
     sess.run(g.data.load, {g.data.x_all: data["x_train"][rest],
                            g.data.y_all: np.zeros(len(rest), np.int32),   # never their labels
-                           g.data.x_labelled_all: data["x_train"][data["labelled"]],
-                           g.data.y_labelled_all: data["y_train"][data["labelled"]]})
+                           g.data.x_labelled_all: data["x_train"][labelled],
+                           g.data.y_labelled_all: data["y_train"][labelled]})
 
 
 def note_changed_settings(cfg, done):
