@@ -4,8 +4,9 @@ p(z) = N(0, I), p(x|z,y) = Bernoulli(sigmoid(f(z, y))), q(z|x,y) = N(mu(x, y), s
 MLPs of two 500-unit ReLU layers (Kingma & Welling 2014; Sohn et al. 2015), trained by SGVB on
 the ELBO E_q[log p(x|z,y)] - KL(q(z|x,y) || p(z)) <= log p(x|y) and evaluated by importance
 sampling (Burda et al. 2015), with the label mixture log p(x) = log sum_y p(y) p(x|y) and its
-Bayes classifier. CONDITIONAL = False is the seed's VAE; LABELS = 100 the semi-supervised M2
-(Kingma et al. 2014), which learns from 100 labelled digits. README.md has the derivations.
+Bayes classifier. CONDITIONAL = False is the seed's VAE (the seed: the ZhuSuan VAE homework this
+script ports); LABELS = 100 the semi-supervised M2 (Kingma et al. 2014), which learns from 100
+labelled digits. README.md has the derivations.
 
 Run `python cvae_mnist.py` (`--help` lists the settings; `--epochs=1 --z_dim=2` sets two), or
 edit the constants below; then, from Python, `with cvae_mnist.load("results") as model: ...`.
@@ -201,7 +202,8 @@ def training_objective(x, y, cfg, seed, x_labelled=None, y_labelled=None):
     name of the bound trained, and what the optimizer minimizes for the variables under each
     scope: for the ELBO, minus the ELBO for all; for IWAE, minus the bound for the decoder
     (its gradient is the bound's) and minus dreg for the encoder. M2 (LABELS): x [B, 784]
-    unlabelled (y unused) and the labelled batch; minus both bounds plus ALPHA times xent."""
+    unlabelled (y unused) and the labelled batch; minus both bounds plus ALPHA times xent, the
+    two batches weighted alike (the paper's sums weigh M by N_l / N_u: README, derivation)."""
     if cfg.labels:
         terms = m2(x, x_labelled, y_labelled, cfg, seed)
         logged = {name: tf.reduce_mean(value) for name, value in terms.items()}
